@@ -1,0 +1,312 @@
+"""Video probing, decoding and MP4 writing with the ffmpeg binary shipped by imageio-ffmpeg.
+
+Torch-free on purpose: the gateway imports this module to probe uploads. Frames are numpy ``uint8``
+arrays of shape ``(T, H, W, 3)`` in RGB order.
+
+Safety of untrusted input: every ffmpeg call that reads a user file passes ``-protocol_whitelist file``
+and a ``-format_whitelist`` of real container demuxers (MP4/MOV, Matroska/WebM, AVI), so HLS playlists,
+concat scripts and other formats that reference further files or URLs are refused before they are
+opened. Size, resolution, duration and frame count are checked from the container header before any
+frame is decoded, and decoders additionally refuse frames above the pixel limit (``-max_pixels``).
+
+ffmpeg is run directly rather than through ``imageio_ffmpeg.read_frames``/``write_frames``: the
+former reports metadata only after the first frame has been decoded and logs a warning whenever the
+output is scaled, the latter ignores ffmpeg's exit status, so a failed write would go unnoticed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+
+from model.errors import InvalidParameterError, InvalidVideoError, StorageError, VideoTooLargeError
+
+#: Demuxers accepted for input files (ffmpeg names): ISO-BMFF/QuickTime, Matroska/WebM and AVI.
+ALLOWED_DEMUXERS = "mov,mp4,matroska,webm,avi"
+_ALLOWED_HINT = "accepted containers are MP4/MOV, Matroska/WebM and AVI with a video track"
+_PROBE_TIMEOUT_S = 30.0
+
+# Anchored at line starts: ffmpeg prints user metadata on lines that begin with "<spaces>: ", so a
+# crafted title cannot pose as a Duration or Stream line.
+_INPUT = re.compile(r"^Input #0, ([\w,]+), from", re.M)
+_DURATION = re.compile(r"^[ \t]*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.M)
+_VIDEO_STREAM = re.compile(r"^[ \t]*Stream #0:\d+.*?: Video: (\w+)(.*)$", re.M)
+_SIZE = re.compile(r", (\d+)x(\d+)[ ,]")
+_RATE = re.compile(r"(\d+(?:\.\d+)?)(k?) (fps|tbr)")
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """Upper bounds for an input video; the defaults accept up to 60 s of 4K (UHD or DCI) video.
+
+    Resolution limits are orientation-free: ``max_pixels`` bounds width * height and ``max_side`` the
+    longer side, so a portrait 2160x3840 phone clip passes exactly like a landscape one.
+    """
+
+    max_bytes: int = 200 * 1024 * 1024
+    max_seconds: float = 60.0
+    max_pixels: int = 4096 * 2160
+    max_side: int = 4096
+    max_frames: int = 7200  # 60 s at 120 fps
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container header declares about the first video stream.
+
+    ``width``/``height`` are the coded size (before any display rotation); ``fps`` and
+    ``duration_seconds`` are None when the container does not declare them (e.g. live WebM).
+    """
+
+    width: int
+    height: int
+    fps: float | None
+    duration_seconds: float | None
+    codec: str
+    container: str
+    size_bytes: int
+
+
+DEFAULT_LIMITS = VideoLimits()
+
+
+def _ffmpeg_input(path: Path, limits: VideoLimits, *options: str) -> list[str]:
+    """An ffmpeg command line up to ``-i path`` that opens ``path`` as untrusted input.
+
+    ``options`` go before ``-i``; the whitelists and the decoder pixel cap are always there.
+    """
+    return [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        *("-hide_banner", "-nostdin", *options),
+        *("-protocol_whitelist", "file", "-format_whitelist", ALLOWED_DEMUXERS),
+        *("-max_pixels", str(limits.max_pixels), "-i", f"file:{path.resolve()}"),
+    ]
+
+
+def _ffmpeg_error(stderr: str) -> str:
+    """The last non-empty line ffmpeg logged, for error messages."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output from ffmpeg"
+
+
+def probe_video(path: str | os.PathLike[str], limits: VideoLimits = DEFAULT_LIMITS) -> VideoInfo:
+    """Read the container header of ``path`` and check it against ``limits`` without decoding frames.
+
+    Raises InvalidVideoError for a missing, empty, truncated or undecodable file, a non-video or
+    disallowed format (playlists, scripts, images, PDFs) and audio-only files; VideoTooLargeError when
+    the file size, resolution, duration or estimated frame count exceeds ``limits``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidVideoError(f"video {path.name!r} does not exist or is not a regular file")
+    size_bytes = path.stat().st_size
+    if size_bytes == 0:
+        raise InvalidVideoError(f"video {path.name!r} is empty (0 bytes); {_ALLOWED_HINT}")
+    if size_bytes > limits.max_bytes:
+        raise VideoTooLargeError(
+            f"video is {size_bytes} bytes; at most {limits.max_bytes} bytes are accepted"
+        )
+    try:
+        proc = subprocess.run(
+            _ffmpeg_input(path, limits),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=_PROBE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidVideoError(f"probing {path.name!r} took over {_PROBE_TIMEOUT_S:.0f} s") from exc
+    log = proc.stderr.decode("utf-8", "replace")
+
+    container = _INPUT.search(log)
+    if container is None:
+        raise InvalidVideoError(
+            f"{path.name!r} is not a readable video ({_ffmpeg_error(log)}); {_ALLOWED_HINT}"
+        )
+    stream = next((m for m in _VIDEO_STREAM.finditer(log) if "(attached pic)" not in m.group(2)), None)
+    if stream is None:
+        raise InvalidVideoError(
+            f"{path.name!r} has no video stream (audio-only or data file); {_ALLOWED_HINT}"
+        )
+    size = _SIZE.search(stream.group(2))
+    width, height = (int(size.group(1)), int(size.group(2))) if size else (0, 0)
+    if width <= 0 or height <= 0:
+        raise InvalidVideoError(f"{path.name!r} declares no valid frame size; {_ALLOWED_HINT}")
+    rate = _RATE.search(stream.group(2))
+    fps = float(rate.group(1)) * (1000 if rate.group(2) else 1) if rate else None
+    duration = _DURATION.search(log)
+    seconds = int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3]) if duration else None
+
+    if width * height > limits.max_pixels or max(width, height) > limits.max_side:
+        raise VideoTooLargeError(
+            f"video is {width}x{height}; at most {limits.max_pixels} pixels per frame and "
+            f"{limits.max_side} pixels per side are accepted"
+        )
+    if seconds is not None and seconds > limits.max_seconds:
+        raise VideoTooLargeError(
+            f"video is {seconds:.1f} s long; at most {limits.max_seconds:g} s is accepted"
+        )
+    if seconds is not None and fps and seconds * fps > limits.max_frames:
+        raise VideoTooLargeError(
+            f"video has about {seconds * fps:.0f} frames; at most {limits.max_frames} are accepted"
+        )
+    if "Could not find codec parameters" in log:
+        raise InvalidVideoError(f"the video stream of {path.name!r} cannot be decoded (truncated or corrupt)")
+    return VideoInfo(width, height, fps, seconds, stream.group(1), container.group(1), size_bytes)
+
+
+def _check_multiple_of_16(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 16:
+        raise InvalidParameterError(f"{name} is {value!r}; it must be a positive multiple of 16", param=name)
+
+
+def _check_fps(fps: float) -> None:
+    if (
+        isinstance(fps, bool)
+        or not isinstance(fps, int | float)
+        or not math.isfinite(fps)
+        or not 0 < fps <= 240
+    ):
+        raise InvalidParameterError(f"fps is {fps!r}; it must be a number in (0, 240]", param="fps")
+
+
+def read_video(
+    path: str | os.PathLike[str],
+    *,
+    height: int,
+    width: int,
+    fps: float,
+    max_frames: int,
+    limits: VideoLimits = DEFAULT_LIMITS,
+) -> np.ndarray:
+    """Decode ``path`` into RGB frames of shape ``(T, height, width, 3)``, dtype uint8.
+
+    The video is probed first (see ``probe_video``), then resampled to ``fps``, scaled preserving its
+    aspect ratio until it covers ``height`` x ``width`` and centre-cropped to exactly that size.
+    ``T`` is the largest ``4k + 1`` not above ``min(decoded frames, max_frames)``; decoding stops
+    after ``max_frames`` output frames (and after ``limits.max_seconds`` of input), so memory stays
+    bounded by ``max_frames * height * width * 3`` bytes. ``height``/``width`` must be positive
+    multiples of 16 and ``max_frames`` of the form ``4k + 1`` (InvalidParameterError otherwise).
+    """
+    _check_multiple_of_16("height", height)
+    _check_multiple_of_16("width", width)
+    _check_fps(fps)
+    if not isinstance(max_frames, int) or max_frames < 1 or max_frames % 4 != 1:
+        raise InvalidParameterError(
+            f"max_frames is {max_frames!r}; it must be of the form 4k + 1 (1, 5, 9, ..., 81, ...)",
+            param="max_frames",
+        )
+    path = Path(path)
+    probe_video(path, limits)
+
+    scale = f"scale={width}:{height}:force_original_aspect_ratio=increase"
+    cmd = [
+        *_ffmpeg_input(path, limits, "-loglevel", "error", "-t", f"{limits.max_seconds:g}"),
+        *("-map", "0:v:0", "-an", "-sn", "-dn"),
+        *("-vf", f"fps={fps:g},{scale},crop={width}:{height}", "-frames:v", str(max_frames)),
+        *("-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"),
+    ]
+    frames = np.empty((max_frames, height, width, 3), dtype=np.uint8)
+    buffer = memoryview(frames.reshape(-1))
+    received = 0
+    with tempfile.TemporaryFile() as errors:
+        with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors) as proc:
+            while received < len(buffer) and (chunk := proc.stdout.readinto(buffer[received:])):
+                received += chunk
+        errors.seek(0)
+        log = errors.read().decode("utf-8", "replace")
+    decoded = received // (height * width * 3)
+    if proc.returncode != 0 or decoded < 1:
+        raise InvalidVideoError(f"could not decode any frame of {path.name!r} ({_ffmpeg_error(log)})")
+    return frames[: (decoded - 1) // 4 * 4 + 1]
+
+
+def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], *, fps: float) -> Path:
+    """Encode RGB ``frames`` (uint8, shape ``(T, H, W, 3)``, H and W even) as H.264 MP4 at ``path``.
+
+    The file is yuv420p with ``+faststart`` (plays and seeks in browsers). It is written to a
+    temporary name in the same directory and renamed into place, so ``path`` never holds a partial
+    file. Raises InvalidParameterError for bad frames or fps, StorageError when writing fails.
+    Returns ``path`` as a Path.
+    """
+    if (
+        not isinstance(frames, np.ndarray)
+        or frames.dtype != np.uint8
+        or frames.ndim != 4
+        or frames.shape[3] != 3
+    ):
+        got = (
+            f"{frames.dtype} array of shape {frames.shape}"
+            if isinstance(frames, np.ndarray)
+            else type(frames)
+        )
+        raise InvalidParameterError(
+            f"frames is a {got}; it must be a uint8 array of shape (T, H, W, 3)", param="frames"
+        )
+    count, height, width, _ = frames.shape
+    if count < 1 or height < 2 or width < 2 or height % 2 or width % 2:
+        raise InvalidParameterError(
+            f"frames has shape {frames.shape}; it needs T >= 1 and even H, W >= 2 (yuv420p)", param="frames"
+        )
+    _check_fps(fps)
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        *("-hide_banner", "-nostdin", "-loglevel", "error", "-n"),
+        *("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}"),
+        *("-r", str(Fraction(fps).limit_denominator(1001)), "-i", "pipe:0"),
+        *("-c:v", "libx264", "-preset", "medium", "-crf", "18", "-pix_fmt", "yuv420p"),
+        *("-movflags", "+faststart", "-f", "mp4", str(temp)),
+    ]
+    try:
+        with tempfile.TemporaryFile() as errors:
+            with subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors
+            ) as proc:
+                try:
+                    proc.stdin.write(memoryview(np.ascontiguousarray(frames).reshape(-1)))
+                except BrokenPipeError:
+                    pass  # ffmpeg stopped early; its exit status and log below say why
+                proc.stdin.close()
+            errors.seek(0)
+            log = errors.read().decode("utf-8", "replace")
+        if proc.returncode != 0:
+            raise StorageError(f"could not write video {path}: {_ffmpeg_error(log)}")
+        os.replace(temp, path)
+    except OSError as exc:
+        raise StorageError(f"could not write video {path}: {exc.strerror or exc}") from exc
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def first_frame_jpeg(
+    path: str | os.PathLike[str], *, max_side: int = 512, limits: VideoLimits = DEFAULT_LIMITS
+) -> bytes:
+    """JPEG bytes of the first frame of ``path``, scaled down (aspect kept) to at most ``max_side``.
+
+    The video is probed first (see ``probe_video``); raises InvalidVideoError when no frame decodes.
+    """
+    path = Path(path)
+    probe_video(path, limits)
+    fit = f"w='min(iw,{max_side})':h='min(ih,{max_side})':force_original_aspect_ratio=decrease"
+    cmd = [
+        *_ffmpeg_input(path, limits, "-loglevel", "error"),
+        *("-map", "0:v:0", "-frames:v", "1"),
+        *("-vf", f"scale={fit}", "-c:v", "mjpeg", "-q:v", "3", "-f", "image2pipe", "pipe:1"),
+    ]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=_PROBE_TIMEOUT_S)
+    if proc.returncode != 0 or not proc.stdout.startswith(b"\xff\xd8"):
+        log = proc.stderr.decode("utf-8", "replace")
+        raise InvalidVideoError(f"could not decode the first frame of {path.name!r} ({_ffmpeg_error(log)})")
+    return proc.stdout

@@ -1,0 +1,350 @@
+"""The Uni-ViGU transformer: Wan2.1's DiT extended with a text stream (spec §3-§4).
+
+One network denoises two streams at once. Video latents become patch tokens, text ids become
+embeddings, and every block runs one self-attention over ``[video | text]`` followed by a
+cross-attention to the umT5 prompt and a feed-forward expert per modality. Each modality has its
+own timestep embedding; the block's modulation table is shared.
+
+The building blocks are diffusers' Wan classes (``WanAttention``, ``WanRotaryPosEmbed``,
+``FeedForward``, ``Timesteps``/``TimestepEmbedding``, ``PixArtAlphaTextProjection``,
+``FP32LayerNorm``); parameter names equal the released checkpoint's. The network knows nothing
+about sampling: it maps noisy inputs and times to a video velocity and text logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _check_attention_backend_requirements,
+    dispatch_attention_fn,
+)
+from diffusers.models.embeddings import (
+    PixArtAlphaTextProjection,
+    TimestepEmbedding,
+    Timesteps,
+    apply_rotary_emb,
+)
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanRotaryPosEmbed
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import UniViGUConfig
+from model.errors import AttentionBackendError, InvalidParameterError
+
+MASKED_ATTENTION_BACKENDS = frozenset(
+    {"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"}
+)
+"""Attention backends that honour a key padding mask; the flash and sage kernels do not."""
+
+RotaryTable = tuple[torch.Tensor, torch.Tensor]
+"""``(cos, sin)``, each ``(S, head_dim)``."""
+
+
+class ModalityTimeEmbedding(nn.Module):
+    """Sinusoidal time features -> ``temb (B, D)`` and the block modulation ``proj (B, 6, D)``."""
+
+    def __init__(self, dim: int, freq_dim: int) -> None:
+        super().__init__()
+        self.timesteps_proj = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedder = TimestepEmbedding(freq_dim, dim)
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, 6 * dim)
+
+    def forward(self, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``time (B,)`` on the 0..1000 scale -> ``(temb (B, D), proj (B, 6, D))``."""
+        features = self.timesteps_proj(time).to(self.time_embedder.linear_1.weight.dtype)  # (B, freq_dim)
+        temb = self.time_embedder(features)  # (B, D)
+        proj = self.time_proj(self.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
+        return temb, proj
+
+
+class TextRotaryEmbedding(nn.Module):
+    """1-D rotary table for the text stream: rotate-half convention over the full head dimension."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        self.register_buffer("inv_freq", 1.0 / theta**exponents, persistent=True)  # (head_dim / 2,)
+
+    def forward(self, length: int) -> RotaryTable:
+        """Positions ``0..length-1`` -> ``(cos, sin)``, each ``(length, head_dim)`` in float32."""
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.float())  # (L, head_dim / 2)
+        angles = torch.cat([angles, angles], dim=-1)  # dimension i pairs with i + head_dim / 2
+        return angles.cos(), angles.sin()
+
+
+class VideoHead(nn.Module):
+    """Final modulated LayerNorm and projection of video tokens back to patch channels."""
+
+    def __init__(self, dim: int, out_features: int, eps: float) -> None:
+        super().__init__()
+        self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, out_features)
+
+    def forward(self, video: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``video (B, Nv, D)``, ``shift/scale (B, 1, D)`` -> ``(B, Nv, pt*ph*pw*C)``."""
+        normed = (self.norm_out(video.float()) * (1 + scale) + shift).type_as(video)
+        return self.proj_out(normed)
+
+
+class TextHead(nn.Module):
+    """Final modulated LayerNorm (weight, no bias, eps 1e-5) and projection to vocabulary logits."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, eps=1e-5, bias=False)
+        self.linear = nn.Linear(dim, vocab_size)
+
+    def forward(self, text: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``text (B, L, D)``, ``shift/scale (B, 1, D)`` -> logits ``(B, L, V)``."""
+        normed = F.layer_norm(
+            text.float(), self.norm_final.normalized_shape, self.norm_final.weight.float(), None, 1e-5
+        )
+        return self.linear((normed * (1 + scale) + shift).type_as(text))
+
+
+def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` in float32, returned in ``x``'s dtype. ``x (B, N, D)``."""
+    return (norm(x.float()) * (1 + scale) + shift).type_as(x)
+
+
+def _gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + update * gate`` in float32, returned in ``x``'s dtype."""
+    return (x.float() + update.float() * gate).type_as(x)
+
+
+class UniViGUBlock(nn.Module):
+    """One Wan block with a joint video+text self-attention and a text feed-forward expert."""
+
+    def __init__(self, config: UniViGUConfig) -> None:
+        super().__init__()
+        dim, heads, head_dim, eps = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.attention_head_dim,
+            config.eps,
+        )
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, heads, head_dim, eps, processor=WanAttnProcessor())
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.attn2 = WanAttention(
+            dim, heads, head_dim, eps, cross_attention_dim_head=head_dim, processor=WanAttnProcessor()
+        )
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.norm3_t = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, inner_dim=config.ffn_dim, activation_fn="gelu-approximate")
+        self.ffn_t = FeedForward(dim, inner_dim=config.ffn_dim, activation_fn="gelu-approximate")
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def _self_attention(
+        self,
+        hidden: torch.Tensor,
+        num_video: int,
+        video_rope: RotaryTable,
+        text_rope: RotaryTable,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Joint attention over ``hidden (B, Nv+L, D)`` with a rotary table per modality -> ``(B, Nv+L, D)``."""
+        attn = self.attn1
+        query = attn.norm_q(attn.to_q(hidden)).unflatten(2, (attn.heads, -1))  # (B, S, H, hd)
+        key = attn.norm_k(attn.to_k(hidden)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden).unflatten(2, (attn.heads, -1))
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            video = apply_rotary_emb(x[:, :num_video], video_rope, use_real_unbind_dim=-1, sequence_dim=1)
+            text = apply_rotary_emb(x[:, num_video:], text_rope, use_real_unbind_dim=-2, sequence_dim=1)
+            return torch.cat([video, text], dim=1)
+
+        out = dispatch_attention_fn(
+            rotate(query),
+            rotate(key),
+            value,
+            attn_mask=key_mask,
+            backend=attn.processor._attention_backend,
+        )
+        out = out.flatten(2, 3).type_as(query)  # (B, S, D)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        context: torch.Tensor,
+        modulation_v: torch.Tensor,
+        modulation_t: torch.Tensor,
+        num_video: int,
+        video_rope: RotaryTable,
+        text_rope: RotaryTable,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One block.
+
+        Args:
+            hidden: ``(B, Nv + L, D)`` video tokens then text tokens.
+            context: ``(B, Lc, D)`` projected umT5 prompt.
+            modulation_v, modulation_t: ``(B, 6, D)`` time projections of each modality.
+            num_video: ``Nv``.
+            video_rope: ``(cos, sin)`` each ``(Nv, head_dim)``, interleaved pairs.
+            text_rope: ``(cos, sin)`` each ``(L, head_dim)``, rotate-half.
+            key_mask: ``(B, 1, 1, Nv + L)`` bool, True where a key may be attended; None for no padding.
+        Returns:
+            ``(B, Nv + L, D)``.
+        """
+        shift_v, scale_v, gate_v, c_shift_v, c_scale_v, c_gate_v = (
+            self.scale_shift_table + modulation_v.float()
+        ).chunk(6, dim=1)
+        shift_t, scale_t, gate_t, c_shift_t, c_scale_t, c_gate_t = (
+            self.scale_shift_table + modulation_t.float()
+        ).chunk(6, dim=1)
+        video, text = hidden[:, :num_video], hidden[:, num_video:]
+
+        # 1. Joint self-attention, each modality modulated and gated with its own values.
+        normed = torch.cat(
+            [_modulate(self.norm1, video, shift_v, scale_v), _modulate(self.norm1, text, shift_t, scale_t)], dim=1
+        )
+        attn_out = self._self_attention(normed, num_video, video_rope, text_rope, key_mask)
+        hidden = torch.cat(
+            [
+                _gated_residual(video, attn_out[:, :num_video], gate_v),
+                _gated_residual(text, attn_out[:, num_video:], gate_t),
+            ],
+            dim=1,
+        )
+
+        # 2. Cross-attention of the whole sequence to the prompt; plain residual.
+        hidden = hidden + self.attn2(self.norm2(hidden.float()).type_as(hidden), context)
+
+        # 3. Feed-forward routed by modality.
+        video, text = hidden[:, :num_video], hidden[:, num_video:]
+        video = _gated_residual(video, self.ffn(_modulate(self.norm3, video, c_shift_v, c_scale_v)), c_gate_v)
+        text = _gated_residual(text, self.ffn_t(_modulate(self.norm3_t, text, c_shift_t, c_scale_t)), c_gate_t)
+        return torch.cat([video, text], dim=1)
+
+
+class UniViGUTransformer(nn.Module):
+    """The whole network: ``(x_v, x_t, time_v, time_t, cond) -> (velocity, logits)``."""
+
+    def __init__(self, config: UniViGUConfig) -> None:
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise InvalidParameterError(f"vocab_size must be positive, got {config.vocab_size}")
+        self.config = config
+        dim = config.hidden_size
+        self.vocab_embed = nn.Embedding(config.vocab_size, dim)
+        self.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
+        self.rotary_emb_text = TextRotaryEmbedding(config.attention_head_dim, config.text_rope_theta)
+        self.patch_embedding = nn.Conv3d(
+            config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.cond_text_embedder = PixArtAlphaTextProjection(config.text_dim, dim, act_fn="gelu_tanh")
+        self.time_embedding_v = ModalityTimeEmbedding(dim, config.freq_dim)
+        self.time_embedding_t = ModalityTimeEmbedding(dim, config.freq_dim)
+        self.blocks = nn.ModuleList(UniViGUBlock(config) for _ in range(config.num_layers))
+        self.scale_shift_table_v = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.scale_shift_table_t = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.video_head = VideoHead(dim, config.out_channels * math.prod(config.patch_size), config.eps)
+        self.text_head = TextHead(dim, config.vocab_size)
+        self.gradient_checkpointing = False
+        self._attention_backend: str = AttentionBackendName.NATIVE.value
+
+    @property
+    def device(self) -> torch.device:
+        return self.vocab_embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vocab_embed.weight.dtype
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Route every attention through diffusers' dispatch ``backend`` ("native", "flash", "sage", ...)."""
+        try:
+            name = AttentionBackendName(backend.lower())
+        except ValueError:
+            allowed = sorted(b.value for b in AttentionBackendName if not b.value.startswith("_"))
+            raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {allowed}") from None
+        _check_attention_backend_requirements(name)
+        for module in self.modules():
+            if isinstance(module, WanAttention):
+                module.processor._attention_backend = name
+        self._attention_backend = name.value
+
+    def _key_mask(self, text_mask: torch.Tensor | None, num_video: int) -> torch.Tensor | None:
+        """``text_mask (B, L)`` -> key padding mask ``(B, 1, 1, Nv + L)``, or None when nothing is padded."""
+        if text_mask is None or bool(text_mask.bool().all()):
+            return None
+        if self._attention_backend not in MASKED_ATTENTION_BACKENDS:
+            raise AttentionBackendError(
+                f"attention backend {self._attention_backend!r} cannot apply a text padding mask; use one of "
+                f"{sorted(MASKED_ATTENTION_BACKENDS)} or pass unpadded text"
+            )
+        video_keys = text_mask.new_ones(text_mask.shape[0], num_video, dtype=torch.bool)
+        return torch.cat([video_keys, text_mask.bool()], dim=1)[:, None, None, :]
+
+    def forward(
+        self,
+        x_v: torch.Tensor,
+        x_t: torch.Tensor,
+        time_v: torch.Tensor,
+        time_t: torch.Tensor,
+        cond: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        *,
+        compute_velocity: bool = True,
+        compute_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One denoising pass over both streams.
+
+        Args:
+            x_v: ``(B, C, f, h, w)`` noisy video latent.
+            x_t: ``(B, L)`` token ids in ``[0, V)``.
+            time_v, time_t: ``(B,)`` times on the 0..1000 scale (1000 = pure noise, 0 = clean).
+            cond: ``(B, Lc, text_dim)`` umT5 encoder output.
+            text_mask: optional ``(B, L)``, 1 for real tokens, 0 for padding.
+            compute_velocity, compute_logits: skip a head whose output the caller does not need.
+        Returns:
+            ``(velocity (B, C, f, h, w), logits (B, L, V) float32)``; a skipped head gives None.
+        """
+        batch, _, frames, height, width = x_v.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+
+        # 1. Tokens and rotary tables.
+        video_cos, video_sin = self.rope(x_v)  # each (1, Nv, 1, hd)
+        video_rope = (video_cos[0, :, 0], video_sin[0, :, 0])
+        video = self.patch_embedding(x_v.to(self.dtype)).flatten(2).transpose(1, 2)  # (B, Nv, D)
+        text = self.vocab_embed(x_t)  # (B, L, D)
+        num_video = video.shape[1]
+        text_rope = self.rotary_emb_text(x_t.shape[1])
+        hidden = torch.cat([video, text], dim=1).contiguous()  # (B, Nv + L, D)
+        key_mask = self._key_mask(text_mask, num_video)
+
+        # 2. Prompt projection and per-modality time embeddings.
+        context = self.cond_text_embedder(cond.to(self.dtype))  # (B, Lc, D)
+        temb_v, modulation_v = self.time_embedding_v(time_v)  # (B, D), (B, 6, D)
+        temb_t, modulation_t = self.time_embedding_t(time_t)
+
+        # 3. Blocks.
+        for block in self.blocks:
+            args = (hidden, context, modulation_v, modulation_t, num_video, video_rope, text_rope, key_mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(block, *args, use_reentrant=False)
+            else:
+                hidden = block(*args)
+
+        # 4. Heads.
+        velocity = logits = None
+        if compute_velocity:
+            shift, scale = (self.scale_shift_table_v + temb_v.float()[:, None]).chunk(2, dim=1)  # (B, 1, D)
+            patches = self.video_head(hidden[:, :num_video], shift, scale)  # (B, Nv, pt*ph*pw*C)
+            patches = patches.reshape(batch, *grid, p_t, p_h, p_w, -1)
+            velocity = patches.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if compute_logits:
+            shift, scale = (self.scale_shift_table_t + temb_t.float()[:, None]).chunk(2, dim=1)
+            logits = self.text_head(hidden[:, num_video:], shift, scale).float()  # (B, L, V)
+        return velocity, logits
