@@ -67,7 +67,7 @@ class AttentionBackendError(UniViGUError):
     code = "attention_backend_unsupported"
 
 
-class Canceled(UniViGUError):  # noqa: N818 - it is a signal, not a failure
+class Canceled(UniViGUError):
     """Raised between denoising steps when the caller's cancel check answers True."""
 
     code = "canceled"
