@@ -16,6 +16,7 @@ output is scaled, the latter ignores ffmpeg's exit status, so a failed write wou
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -41,6 +42,7 @@ _PROBE_TIMEOUT_S = 30.0
 _INPUT = re.compile(r"^Input #0, ([\w,]+), from", re.M)
 _DURATION = re.compile(r"^[ \t]*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.M)
 _VIDEO_STREAM = re.compile(r"^[ \t]*Stream #0:\d+.*?: Video: (\w+)(.*)$", re.M)
+_LOG_TAG = re.compile(r"^\[[^\]]* @ [^\]]*\] ")
 _SIZE = re.compile(r", (\d+)x(\d+)[ ,]")
 _RATE = re.compile(r"(\d+(?:\.\d+)?)(k?) (fps|tbr)")
 
@@ -93,10 +95,12 @@ def _ffmpeg_input(path: Path, limits: VideoLimits, *options: str) -> list[str]:
     ]
 
 
-def _ffmpeg_error(stderr: str) -> str:
-    """The last non-empty line ffmpeg logged, for error messages."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output from ffmpeg"
+def _ffmpeg_error(log: str) -> str:
+    """ffmpeg's last few complaints (its ``[component @ 0x...]`` lines), for error messages."""
+    tagged = (_LOG_TAG.sub("", line).strip() for line in log.splitlines() if _LOG_TAG.match(line))
+    reasons = list(dict.fromkeys(line.removeprefix("Error opening input: ") for line in tagged if line))
+    lines = log.strip().splitlines()
+    return "; ".join(reasons[-3:]) or (lines[-1] if lines else "ffmpeg failed without a message")
 
 
 def probe_video(path: str | os.PathLike[str], limits: VideoLimits = DEFAULT_LIMITS) -> VideoInfo:
@@ -134,9 +138,7 @@ def probe_video(path: str | os.PathLike[str], limits: VideoLimits = DEFAULT_LIMI
         )
     stream = next((m for m in _VIDEO_STREAM.finditer(log) if "(attached pic)" not in m.group(2)), None)
     if stream is None:
-        raise InvalidVideoError(
-            f"{path.name!r} has no video stream (audio-only or data file); {_ALLOWED_HINT}"
-        )
+        raise InvalidVideoError(f"{path.name!r} has no video stream (audio-only?); {_ALLOWED_HINT}")
     size = _SIZE.search(stream.group(2))
     width, height = (int(size.group(1)), int(size.group(2))) if size else (0, 0)
     if width <= 0 or height <= 0:
@@ -238,19 +240,14 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], *, fps: float) -
     file. Raises InvalidParameterError for bad frames or fps, StorageError when writing fails.
     Returns ``path`` as a Path.
     """
-    if (
-        not isinstance(frames, np.ndarray)
-        or frames.dtype != np.uint8
-        or frames.ndim != 4
-        or frames.shape[3] != 3
-    ):
-        got = (
-            f"{frames.dtype} array of shape {frames.shape}"
-            if isinstance(frames, np.ndarray)
-            else type(frames)
-        )
+    if not isinstance(frames, np.ndarray):
         raise InvalidParameterError(
-            f"frames is a {got}; it must be a uint8 array of shape (T, H, W, 3)", param="frames"
+            f"frames is a {type(frames).__name__}; it must be a numpy uint8 array", param="frames"
+        )
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+        raise InvalidParameterError(
+            f"frames is a {frames.dtype} array of shape {frames.shape}; it must be uint8 of shape (T, H, W, 3)",
+            param="frames",
         )
     count, height, width, _ = frames.shape
     if count < 1 or height < 2 or width < 2 or height % 2 or width % 2:
@@ -273,11 +270,11 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], *, fps: float) -
             with subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors
             ) as proc:
-                try:
+                # A broken pipe means ffmpeg stopped early; its exit status and log below say why.
+                with contextlib.suppress(BrokenPipeError):
                     proc.stdin.write(memoryview(np.ascontiguousarray(frames).reshape(-1)))
-                except BrokenPipeError:
-                    pass  # ffmpeg stopped early; its exit status and log below say why
-                proc.stdin.close()
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
             errors.seek(0)
             log = errors.read().decode("utf-8", "replace")
         if proc.returncode != 0:
@@ -297,6 +294,10 @@ def first_frame_jpeg(
 
     The video is probed first (see ``probe_video``); raises InvalidVideoError when no frame decodes.
     """
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16:
+        raise InvalidParameterError(
+            f"max_side is {max_side!r}; it must be an integer >= 16", param="max_side"
+        )
     path = Path(path)
     probe_video(path, limits)
     fit = f"w='min(iw,{max_side})':h='min(ih,{max_side})':force_original_aspect_ratio=decrease"
