@@ -47,17 +47,23 @@ class UniViGUConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise CheckpointError(f"unknown Uni-ViGU config fields {unknown}; known fields are {sorted(known)}")
+            raise CheckpointError(
+                f"unknown Uni-ViGU config fields {unknown}; known fields are {sorted(known)}"
+            )
         values = dict(values)
         if "patch_size" in values:
             values["patch_size"] = tuple(values["patch_size"])
         return cls(**values)
 
     @classmethod
-    def from_wan_config(cls, wan: dict[str, Any], *, vocab_size: int, source: str = "config.json") -> UniViGUConfig:
+    def from_wan_config(
+        cls, wan: dict[str, Any], *, vocab_size: int, source: str = "config.json"
+    ) -> UniViGUConfig:
         """Build from a diffusers ``WanTransformer3DModel`` config dict (``transformer/config.json``)."""
         if wan.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
-            raise CheckpointError("Uni-ViGU needs qk_norm 'rms_norm_across_heads'", file=source, key="qk_norm")
+            raise CheckpointError(
+                "Uni-ViGU needs qk_norm 'rms_norm_across_heads'", file=source, key="qk_norm"
+            )
         if not wan.get("cross_attn_norm", True):
             raise CheckpointError("Uni-ViGU needs cross_attn_norm true", file=source, key="cross_attn_norm")
         for unsupported in ("image_dim", "added_kv_proj_dim"):
@@ -123,6 +129,10 @@ class VAEConfig:
     num_res_blocks: int = 1
     temperal_downsample: tuple[bool, ...] = (False, True, True)
 
+    def to_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``AutoencoderKLWan`` (it wants lists, not tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
 
 @dataclass(frozen=True)
 class SamplingDefaults:
@@ -135,6 +145,7 @@ class SamplingDefaults:
     steps: int = 50
     guidance_scale: float = 5.0
     caption_tokens: int = 256
+    max_caption_tokens: int = 256
     max_prompt_tokens: int = 256
     context_tokens: int = 512
 
@@ -181,6 +192,7 @@ PRESETS: dict[str, Preset] = {
             steps=8,
             guidance_scale=3.0,
             caption_tokens=24,
+            max_caption_tokens=48,
             max_prompt_tokens=24,
             context_tokens=32,
         ),

@@ -159,6 +159,8 @@ class UniViGUBlock(nn.Module):
 
         def rotate(x: torch.Tensor) -> torch.Tensor:
             video = apply_rotary_emb(x[:, :num_video], video_rope, use_real_unbind_dim=-1, sequence_dim=1)
+            if x.shape[1] == num_video:  # empty text stream
+                return video
             text = apply_rotary_emb(x[:, num_video:], text_rope, use_real_unbind_dim=-2, sequence_dim=1)
             return torch.cat([video, text], dim=1)
 
@@ -206,7 +208,8 @@ class UniViGUBlock(nn.Module):
 
         # 1. Joint self-attention, each modality modulated and gated with its own values.
         normed = torch.cat(
-            [_modulate(self.norm1, video, shift_v, scale_v), _modulate(self.norm1, text, shift_t, scale_t)], dim=1
+            [_modulate(self.norm1, video, shift_v, scale_v), _modulate(self.norm1, text, shift_t, scale_t)],
+            dim=1,
         )
         attn_out = self._self_attention(normed, num_video, video_rope, text_rope, key_mask)
         hidden = torch.cat(
@@ -223,7 +226,9 @@ class UniViGUBlock(nn.Module):
         # 3. Feed-forward routed by modality.
         video, text = hidden[:, :num_video], hidden[:, num_video:]
         video = _gated_residual(video, self.ffn(_modulate(self.norm3, video, c_shift_v, c_scale_v)), c_gate_v)
-        text = _gated_residual(text, self.ffn_t(_modulate(self.norm3_t, text, c_shift_t, c_scale_t)), c_gate_t)
+        text = _gated_residual(
+            text, self.ffn_t(_modulate(self.norm3_t, text, c_shift_t, c_scale_t)), c_gate_t
+        )
         return torch.cat([video, text], dim=1)
 
 
@@ -267,7 +272,9 @@ class UniViGUTransformer(nn.Module):
             name = AttentionBackendName(backend.lower())
         except ValueError:
             allowed = sorted(b.value for b in AttentionBackendName if not b.value.startswith("_"))
-            raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {allowed}") from None
+            raise AttentionBackendError(
+                f"unknown attention backend {backend!r}; choose one of {allowed}"
+            ) from None
         _check_attention_backend_requirements(name)
         for module in self.modules():
             if isinstance(module, WanAttention):

@@ -1,0 +1,172 @@
+"""``univigu generate | caption | joint``: run the pipeline locally, without any server.
+
+Registered into the ``univigu`` console script by :func:`register`; torch is imported only when one of
+these commands runs, so the gateway's commands stay torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.errors import UniViGUError
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("model (give exactly one of --preset, --weights, --wan)")
+    source.add_argument("--preset", help="a preset built in code, e.g. 'tiny' (random weights)")
+    source.add_argument("--weights", type=Path, help="a Uni-ViGU folder in our format (univigu.json)")
+    source.add_argument("--wan", type=Path, help="a Wan2.1-T2V-1.3B diffusers folder")
+    source.add_argument("--checkpoint", type=Path, help="the released Uni-ViGU .pth (with --wan)")
+    source.add_argument(
+        "--null-prompt", type=Path, help="precomputed empty-prompt umT5 embedding (with --wan)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default cpu)")
+    parser.add_argument("--attention-backend", help="diffusers attention backend: native, flash, sage ...")
+    parser.add_argument("--sampler", default="euler", choices=["euler", "unipc"], help="video sampler")
+    parser.add_argument("--seed", type=int, help="random seed (drawn and reported when omitted)")
+    parser.add_argument("--steps", type=int, help="denoising steps (model default when omitted)")
+
+
+def _add_video_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--height", type=int, help="multiple of 16")
+    parser.add_argument("--width", type=int, help="multiple of 16")
+    parser.add_argument("--num-frames", type=int, help="4k+1 frames")
+    parser.add_argument("--fps", type=int, help="frame rate of the MP4")
+    parser.add_argument("--guidance-scale", type=float)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``generate``, ``caption`` and ``joint`` to the ``univigu`` command."""
+    generate = subparsers.add_parser("generate", help="text-to-video, written as an MP4")
+    _add_video_options(generate)
+    _add_model_options(generate)
+    generate.add_argument("--out", type=Path, default=Path("video.mp4"), help="MP4 path (default video.mp4)")
+    generate.set_defaults(handler=_run_generate)
+
+    caption = subparsers.add_parser("caption", help="caption a video file, written as JSON")
+    caption.add_argument("video", type=Path)
+    caption.add_argument("--prompt", help="optional conditioning text")
+    caption.add_argument("--max-tokens", type=int, help="caption length in tokens")
+    _add_model_options(caption)
+    caption.add_argument("--out", type=Path, help="JSON path (default: print to stdout)")
+    caption.set_defaults(handler=_run_caption)
+
+    joint = subparsers.add_parser("joint", help="a video and its description together")
+    _add_video_options(joint)
+    joint.add_argument("--max-tokens", type=int, help="description length in tokens")
+    _add_model_options(joint)
+    joint.add_argument(
+        "--out", type=Path, default=Path("joint.mp4"), help="MP4 path; the text goes beside it as .json"
+    )
+    joint.set_defaults(handler=_run_joint)
+
+
+def _load(args: argparse.Namespace):  # -> UniViGUPipeline; torch is imported here
+    from model.pipeline import UniViGUPipeline
+
+    return UniViGUPipeline.load(
+        preset=args.preset,
+        weights=args.weights,
+        wan=args.wan,
+        checkpoint=args.checkpoint,
+        null_prompt=args.null_prompt,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        video_sampler=args.sampler,
+    )
+
+
+def _progress_bar(description: str):
+    """A ``progress(step, total)`` callback drawing a tqdm bar on stderr, created at the first step."""
+    from tqdm import tqdm
+
+    bars: list[tqdm] = []
+
+    def update(step: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc=description, total=total, unit="step", file=sys.stderr))
+        bars[0].update(step - bars[0].n)
+        if step == total:
+            bars[0].close()
+
+    return update
+
+
+def _video_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "negative_prompt": args.negative_prompt,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "fps": args.fps,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+    }
+
+
+def _write_json(payload: dict[str, Any], out: Path | None) -> None:
+    text = json.dumps(payload, indent=2)
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text + "\n")
+        print(out)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from model.media import write_mp4
+
+    result = _load(args).generate(args.prompt, progress=_progress_bar("generate"), **_video_kwargs(args))
+    print(write_mp4(result.frames, args.out, fps=result.fps))
+
+
+def _run_caption(args: argparse.Namespace) -> None:
+    result = _load(args).caption(
+        args.video,
+        prompt=args.prompt,
+        steps=args.steps,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        progress=_progress_bar("caption"),
+    )
+    _write_json({"caption": result.text, "seed": result.seed, "tokens": result.tokens}, args.out)
+
+
+def _run_joint(args: argparse.Namespace) -> None:
+    from model.media import write_mp4
+
+    result = _load(args).joint(
+        args.prompt, max_tokens=args.max_tokens, progress=_progress_bar("joint"), **_video_kwargs(args)
+    )
+    print(write_mp4(result.frames, args.out, fps=result.fps))
+    _write_json(
+        {"caption": result.text, "seed": result.seed, "tokens": result.tokens}, args.out.with_suffix(".json")
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed model command; a domain error becomes one line on stderr and exit status 2."""
+    try:
+        args.handler(args)
+    except UniViGUError as error:
+        print(f"error ({error.code}): {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m model.cli ...``: the model commands alone, for installs without the server."""
+    parser = argparse.ArgumentParser(prog="univigu", description=__doc__.splitlines()[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

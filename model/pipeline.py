@@ -1,0 +1,592 @@
+"""The three inference modes of one Uni-ViGU network: ``generate`` (t2v), ``caption`` (v2t), ``joint``.
+
+A pipeline owns the transformer, the Wan VAE and the text side, all loaded once. Each call reads as
+numbered steps (check inputs, encode text, prepare the state, denoise, decode), takes a
+``progress(step, total)`` callback and a ``should_cancel()`` check that stops it between steps, and
+is deterministic for a given seed on a given device.
+
+Conventions of the authors' inference (spec §5-§6): raw VAE latents (no mean/std normalisation),
+guidance on video only with the null-prompt embedding as the unconditional condition and the text
+stream unchanged, and an all-zero condition when a caption has no conditioning prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from model import params
+from model.checkpoint import (
+    build_transformer,
+    load_transformer_folder,
+    read_safetensors,
+    read_univigu_pth,
+    read_wan_transformer,
+    save_transformer,
+    wan_to_univigu,
+)
+from model.config import SamplingDefaults, UniViGUConfig, get_preset
+from model.errors import Canceled, CheckpointError, InvalidParameterError
+from model.network import UniViGUTransformer
+from model.samplers import (
+    MixturePathTextSampler,
+    VideoSamplerName,
+    classifier_free_guidance,
+    joint_text_update,
+    make_video_sampler,
+    uniform_tokens,
+)
+from model.text import TextSide, build_tiny_encoder, build_tiny_tokenizer, load_encoder, load_tokenizer
+
+ProgressCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+PIPELINE_FILE = "univigu.json"
+NULL_PROMPT_FILE = "null_prompt.safetensors"
+FORMAT_VERSION = 1
+MAX_SIDE = 1920
+MAX_FRAMES = 161
+MAX_GUIDANCE = 20.0
+FP32_PARAMETERS = ("time_embedding_v.", "time_embedding_t.", "scale_shift_table")
+"""Kept in float32 when the rest of the transformer runs in bfloat16 (as diffusers does for Wan)."""
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    fps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    text: str
+    tokens: list[int]
+    seed: int
+
+
+@dataclass(frozen=True)
+class JointResult:
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    fps: int
+    text: str
+    tokens: list[int]
+    seed: int
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """Checked video options of one call, defaults filled in."""
+
+    height: int
+    width: int
+    num_frames: int
+    fps: int
+    steps: int
+    guidance_scale: float
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on the CPU, bfloat16 on CUDA."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _cast_transformer(
+    model: UniViGUTransformer, device: torch.device, dtype: torch.dtype
+) -> UniViGUTransformer:
+    model.to(device=device, dtype=dtype)
+    for name, parameter in model.named_parameters():
+        if name.startswith(FP32_PARAMETERS) or name.endswith("scale_shift_table"):
+            parameter.data = parameter.data.float()
+    model.rope.to(device)  # its float64 tables stay float64, as in diffusers
+    return model.eval().requires_grad_(False)
+
+
+class UniViGUPipeline:
+    """Transformer + VAE + text side with the three modes. Build one with a ``from_*`` constructor."""
+
+    def __init__(
+        self,
+        transformer: UniViGUTransformer,
+        vae: AutoencoderKLWan,
+        text: TextSide,
+        defaults: SamplingDefaults,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        video_sampler: VideoSamplerName = "euler",
+        base_wan_dir: str | None = None,
+        preset: str | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.transformer = _cast_transformer(transformer, self.device, self.dtype)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)  # float32 throughout
+        text.encoder.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.text = text
+        self.defaults = defaults
+        self.video_sampler: VideoSamplerName = video_sampler
+        self.base_wan_dir = base_wan_dir
+        self.preset = preset
+        if len(text.tokenizer) > transformer.config.vocab_size:
+            raise CheckpointError(
+                f"the tokenizer has {len(text.tokenizer)} tokens but the transformer's vocabulary has "
+                f"{transformer.config.vocab_size}; they must come from the same model",
+                key="vocab_embed.weight",
+            )
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        preset: str | None = None,
+        weights: str | Path | None = None,
+        wan: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        null_prompt: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        attention_backend: str | None = None,
+        video_sampler: VideoSamplerName = "euler",
+    ) -> UniViGUPipeline:
+        """Exactly one source: a ``preset``, our ``weights`` folder, or a ``wan`` folder (+ ``checkpoint``)."""
+        given = [name for name, value in (("preset", preset), ("weights", weights), ("wan", wan)) if value]
+        if len(given) != 1:
+            raise InvalidParameterError(
+                f"give exactly one model source (preset, weights or wan); got {given or 'none'}",
+                param="model",
+            )
+        if checkpoint is not None and wan is None:
+            raise InvalidParameterError("a checkpoint goes with a wan folder", param="checkpoint")
+        if preset:
+            pipe = cls.from_preset(preset, device=device)
+        elif weights:
+            pipe = cls.from_pretrained(weights, device=device)
+        else:
+            pipe = cls.from_wan(wan, checkpoint=checkpoint, null_prompt=null_prompt, device=device)
+        if attention_backend:
+            pipe.transformer.set_attention_backend(attention_backend)
+        make_video_sampler(video_sampler, 1)  # rejects an unknown name now rather than at the first job
+        pipe.video_sampler = video_sampler
+        return pipe
+
+    @classmethod
+    def from_preset(
+        cls, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+    ) -> UniViGUPipeline:
+        """A randomly initialised pipeline of a preset built in code (``tiny``); reproducible from ``seed``."""
+        preset = get_preset(name)
+        if preset.text_encoder is None or preset.vae is None:
+            raise InvalidParameterError(
+                f"preset {name!r} has no built-in weights; load real ones with "
+                "UniViGUPipeline.from_wan(wan_dir, checkpoint=...) or from_pretrained(folder)",
+                param="preset",
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tokenizer = build_tiny_tokenizer()
+            config = dataclasses.replace(preset.transformer, vocab_size=len(tokenizer))
+            transformer = UniViGUTransformer(config)
+            vae = AutoencoderKLWan(**preset.vae.to_kwargs())
+            encoder = build_tiny_encoder(preset.text_encoder, len(tokenizer))
+        text = TextSide(tokenizer, encoder, preset.defaults.context_tokens)
+        return cls(transformer, vae, text, preset.defaults, device=device, dtype=dtype, preset=preset.name)
+
+    @classmethod
+    def from_wan(
+        cls,
+        wan_dir: str | Path,
+        *,
+        checkpoint: str | Path | None = None,
+        null_prompt: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> UniViGUPipeline:
+        """A Wan2.1 diffusers folder plus the released Uni-ViGU ``.pth``.
+
+        Without ``checkpoint`` the transformer is a fresh Uni-ViGU initialised from Wan (spec §7), the
+        starting point of training. ``null_prompt`` is an optional ``(1, 512, 4096)`` tensor file.
+        """
+        wan_dir = Path(wan_dir)
+        wan_config, wan_state = read_wan_transformer(wan_dir / "transformer")
+        if checkpoint is not None:
+            state, source = read_univigu_pth(checkpoint), str(checkpoint)
+            if "vocab_embed.weight" not in state:
+                raise CheckpointError("missing parameter", file=source, key="vocab_embed.weight")
+            vocab = state["vocab_embed.weight"].shape[0]
+        else:
+            vocab, source = _umt5_vocab(wan_dir), str(wan_dir / "transformer")
+        config = UniViGUConfig.from_wan_config(
+            wan_config, vocab_size=vocab, source=str(wan_dir / "transformer")
+        )
+        if checkpoint is None:
+            state = wan_to_univigu(wan_state, config, torch.Generator().manual_seed(seed))
+        del wan_state
+        transformer = build_transformer(config, state, source)
+        pipe = cls._with_wan_components(
+            transformer, wan_dir, get_preset("wan2.1-1.3b").defaults, device, dtype
+        )
+        if null_prompt is not None:
+            pipe.text.set_null_condition(_read_tensor(Path(null_prompt)), str(null_prompt))
+        return pipe
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> UniViGUPipeline:
+        """A folder written by :meth:`save_pretrained` (what training writes and workers read)."""
+        folder = Path(folder)
+        manifest_path = folder / PIPELINE_FILE
+        if not manifest_path.is_file():
+            raise CheckpointError(
+                f"not a Uni-ViGU pipeline folder ({PIPELINE_FILE} is missing); for a Wan folder plus a .pth use from_wan",
+                file=str(manifest_path),
+            )
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"unsupported format_version {manifest.get('format_version')!r}; this build reads {FORMAT_VERSION}",
+                file=str(manifest_path),
+                key="format_version",
+            )
+        defaults = SamplingDefaults(**manifest["defaults"])
+        transformer = load_transformer_folder(folder / "transformer")
+        components = folder if (folder / "vae").is_dir() else Path(manifest.get("base_wan_dir") or folder)
+        pipe = cls._with_wan_components(
+            transformer, components, defaults, device, dtype, manifest.get("preset")
+        )
+        if (folder / NULL_PROMPT_FILE).is_file():
+            pipe.text.set_null_condition(
+                _read_tensor(folder / NULL_PROMPT_FILE), str(folder / NULL_PROMPT_FILE)
+            )
+        return pipe
+
+    @classmethod
+    def _with_wan_components(
+        cls,
+        transformer: UniViGUTransformer,
+        folder: Path,
+        defaults: SamplingDefaults,
+        device: str | torch.device,
+        dtype: torch.dtype | None,
+        preset: str | None = None,
+    ) -> UniViGUPipeline:
+        """Attach the VAE, tokenizer and umT5 encoder found in ``folder`` (a Wan or pipeline folder)."""
+        device = torch.device(device)
+        if not (folder / "vae" / "config.json").is_file():
+            raise CheckpointError("VAE folder not found", file=str(folder / "vae"))
+        vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+        encoder = load_encoder(folder / "text_encoder", dtype or default_dtype(device))
+        text = TextSide(load_tokenizer(folder / "tokenizer"), encoder, defaults.context_tokens)
+        base = (
+            str(folder) if (folder / "transformer" / "diffusion_pytorch_model.safetensors").exists() else None
+        )
+        return cls(
+            transformer, vae, text, defaults, device=device, dtype=dtype, base_wan_dir=base, preset=preset
+        )
+
+    def save_pretrained(self, folder: str | Path, *, reference_wan_dir: bool = True) -> Path:
+        """Write our folder format: ``univigu.json``, ``transformer/`` and the other components.
+
+        When the pipeline came from a Wan folder and ``reference_wan_dir`` is set, the VAE and umT5 are
+        not copied (11 GB); the manifest names the Wan folder instead.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_transformer(self.transformer, folder / "transformer")
+        referenced = reference_wan_dir and self.base_wan_dir is not None
+        if not referenced:
+            self.vae.save_pretrained(folder / "vae")
+            self.text.encoder.save_pretrained(folder / "text_encoder")
+            self.text.tokenizer.save_pretrained(folder / "tokenizer")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "preset": self.preset,
+            "base_wan_dir": self.base_wan_dir if referenced else None,
+            "defaults": dataclasses.asdict(self.defaults),
+        }
+        (folder / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        return folder
+
+    # ------------------------------------------------------------------ the three modes
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        fps: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> VideoResult:
+        """Text-to-video: the prompt is held clean in the text stream; the video is denoised with guidance."""
+        # 1. Check inputs.
+        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale)
+        seed, generator = self._seeded(seed)
+        # 2. Encode the prompt: the clean text stream, the condition and the unconditional condition.
+        tokens, mask = self.text.tokenize([prompt], self.defaults.max_prompt_tokens)
+        cond, uncond = self._conditions(prompt, negative_prompt, request.guidance_scale)
+        # 3. Timesteps and the initial latent.
+        sampler = make_video_sampler(self.video_sampler, request.steps)
+        latent = self._initial_latent(request, generator)
+        zero = torch.zeros(1, device=self.device)
+        # 4. Denoise.
+        for index, time in enumerate(sampler.timesteps):
+            _check_cancel(should_cancel)
+            velocity, _ = self._guided(latent, tokens, mask, time.view(1), zero, cond, uncond, request, False)
+            latent = sampler.step(velocity, index, latent)
+            _report(progress, index + 1, request.steps)
+        # 5. Decode.
+        return VideoResult(self._decode(latent), request.fps, seed)
+
+    @torch.inference_mode()
+    def caption(
+        self,
+        video: str | Path | np.ndarray,
+        *,
+        prompt: str | None = None,
+        steps: int | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> CaptionResult:
+        """Video-to-text: the video latent is held clean; text is denoised from uniform random tokens.
+
+        ``video`` is a file (decoded, resampled to the model fps, scaled, centre-cropped and trimmed to
+        4k+1 frames) or uint8 frames ``(T, H, W, 3)`` already at a valid size.
+        """
+        # 1. Check inputs and fit the video.
+        steps = int(params.check_range("steps", steps or self.defaults.steps, 1, 1000))
+        length = self._caption_length(max_tokens)
+        frames = self._fit_video(video)
+        seed, generator = self._seeded(seed)
+        # 2. Encode the condition (all zeros without a prompt) and the clean video latent.
+        cond = self.text.encode([prompt]) if prompt else self._zero_condition()
+        latent = self._encode_video(frames, generator)
+        # 3. The discrete source and its clock.
+        sampler = MixturePathTextSampler(steps)
+        tokens = uniform_tokens(1, length, self.transformer.config.vocab_size, self.device, generator)
+        zero = torch.zeros(1, device=self.device)
+        # 4. Denoise the text.
+        for index, time in enumerate(sampler.timesteps):
+            _check_cancel(should_cancel)
+            _, logits = self.transformer(
+                latent, tokens, zero, time.view(1).to(self.device), cond, compute_velocity=False
+            )
+            tokens = sampler.step(logits, index, tokens, generator)
+            _report(progress, index + 1, steps)
+        # 5. Detokenize.
+        ids = tokens[0].tolist()
+        return CaptionResult(self.text.decode(ids), ids, seed)
+
+    @torch.inference_mode()
+    def joint(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        fps: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> JointResult:
+        """A video and its description together: both streams start from noise and share one clock."""
+        # 1. Check inputs.
+        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale)
+        length = self._caption_length(max_tokens)
+        seed, generator = self._seeded(seed)
+        # 2. Encode the prompt.
+        cond, uncond = self._conditions(prompt, negative_prompt, request.guidance_scale)
+        # 3. Timesteps, the initial latent and the initial tokens.
+        sampler = make_video_sampler(self.video_sampler, request.steps)
+        latent = self._initial_latent(request, generator)
+        tokens = uniform_tokens(1, length, self.transformer.config.vocab_size, self.device, generator)
+        # 4. Denoise both streams; the text time is the video time of the step.
+        for index, time in enumerate(sampler.timesteps):
+            _check_cancel(should_cancel)
+            times = time.view(1)
+            velocity, logits = self._guided(latent, tokens, None, times, times, cond, uncond, request, True)
+            latent = sampler.step(velocity, index, latent)
+            tokens = joint_text_update(logits, index, request.steps, tokens, generator)
+            _report(progress, index + 1, request.steps)
+        # 5. One clean pass for the final tokens, then decode both.
+        zero = torch.zeros(1, device=self.device)
+        _, logits = self.transformer(latent, tokens, zero, zero, cond, compute_velocity=False)
+        ids = logits.argmax(dim=-1)[0].tolist()
+        return JointResult(self._decode(latent), request.fps, self.text.decode(ids), ids, seed)
+
+    # ------------------------------------------------------------------ steps shared by the modes
+
+    def _video_request(
+        self,
+        height: int | None,
+        width: int | None,
+        num_frames: int | None,
+        fps: int | None,
+        steps: int | None,
+        guidance_scale: float | None,
+    ) -> VideoRequest:
+        d = self.defaults
+        return VideoRequest(
+            height=params.check_side("height", d.height if height is None else height, MAX_SIDE),
+            width=params.check_side("width", d.width if width is None else width, MAX_SIDE),
+            num_frames=params.check_frames(d.num_frames if num_frames is None else num_frames, MAX_FRAMES),
+            fps=int(params.check_range("fps", d.fps if fps is None else fps, 1, 120)),
+            steps=int(params.check_range("steps", d.steps if steps is None else steps, 1, 1000)),
+            guidance_scale=params.check_range(
+                "guidance_scale",
+                d.guidance_scale if guidance_scale is None else guidance_scale,
+                0.0,
+                MAX_GUIDANCE,
+            ),
+        )
+
+    def _caption_length(self, max_tokens: int | None) -> int:
+        length = self.defaults.caption_tokens if max_tokens is None else max_tokens
+        return int(params.check_range("max_tokens", length, 1, self.defaults.max_caption_tokens))
+
+    def _seeded(self, seed: int | None) -> tuple[int, torch.Generator]:
+        """The seed actually used (drawn when None) and a generator on the pipeline's device."""
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**31)
+        params.check_range("seed", seed, 0, 2**63 - 1)
+        return seed, torch.Generator(self.device).manual_seed(seed)
+
+    def _conditions(
+        self, prompt: str, negative_prompt: str | None, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(cond, uncond)``, each ``(1, Lc, text_dim)``; no unconditional pass when the scale is 1."""
+        cond = self.text.encode([prompt])
+        if guidance_scale == 1.0:
+            return cond, None
+        if negative_prompt:
+            return cond, self.text.encode([negative_prompt], param="negative_prompt")
+        return cond, self.text.null_condition()
+
+    def _zero_condition(self) -> torch.Tensor:
+        config = self.transformer.config
+        return torch.zeros(
+            1, self.defaults.context_tokens, config.text_dim, device=self.device, dtype=self.dtype
+        )
+
+    def _initial_latent(self, request: VideoRequest, generator: torch.Generator) -> torch.Tensor:
+        """Standard normal ``(1, C, f, H/8, W/8)``."""
+        shape = (
+            1,
+            self.transformer.config.in_channels,
+            params.latent_frames(request.num_frames),
+            request.height // 8,
+            request.width // 8,
+        )
+        return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    def _guided(
+        self,
+        latent: torch.Tensor,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None,
+        time_v: torch.Tensor,
+        time_t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        request: VideoRequest,
+        want_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Velocity with guidance on video (one batched pass of two) and the conditional logits.
+
+        ``latent (1, C, f, h, w)``, ``tokens (1, L)`` -> ``(velocity (1, C, f, h, w), logits (1, L, V) | None)``.
+        """
+        if uncond is None:
+            return self.transformer(latent, tokens, time_v, time_t, cond, mask, compute_logits=want_logits)
+        velocity, logits = self.transformer(
+            latent.expand(2, -1, -1, -1, -1),
+            tokens.expand(2, -1),
+            time_v.expand(2),
+            time_t.expand(2),
+            torch.cat([cond, uncond]),
+            None if mask is None else mask.expand(2, -1),
+            compute_logits=want_logits,
+        )
+        guided = classifier_free_guidance(velocity[:1], velocity[1:], request.guidance_scale)
+        return guided, None if logits is None else logits[:1]
+
+    def _fit_video(self, video: str | Path | np.ndarray) -> np.ndarray:
+        """Frames ``(T, H, W, 3)`` uint8 at a size the model takes."""
+        d = self.defaults
+        if isinstance(video, np.ndarray):
+            if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+                raise InvalidParameterError(
+                    f"video frames must be uint8 of shape (T, H, W, 3), got {video.dtype} {video.shape}",
+                    param="video",
+                )
+            params.check_frames(video.shape[0], MAX_FRAMES, name="video frame count")
+            params.check_side("video height", video.shape[1], MAX_SIDE)
+            params.check_side("video width", video.shape[2], MAX_SIDE)
+            return video
+        from model.media import read_video
+
+        return read_video(video, height=d.height, width=d.width, fps=d.fps, max_frames=d.num_frames)
+
+    def _encode_video(self, frames: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """uint8 ``(T, H, W, 3)`` -> a posterior sample of the raw VAE latent ``(1, C, f, H/8, W/8)``."""
+        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        return self.vae.encode(pixels).latent_dist.sample(generator)
+
+    def _decode(self, latent: torch.Tensor) -> np.ndarray:
+        """Raw latent ``(1, C, f, h, w)`` -> uint8 frames ``(T, H, W, 3)``."""
+        pixels = self.vae.decode(latent.float()).sample[0].clamp(-1.0, 1.0)  # (3, T, H, W)
+        return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _check_cancel(should_cancel: CancelCheck | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise Canceled("canceled between denoising steps")
+
+
+def _report(progress: ProgressCallback | None, step: int, total: int) -> None:
+    if progress is not None:
+        progress(step, total)
+
+
+def _read_tensor(path: Path) -> torch.Tensor:
+    """The single tensor of a safetensors or torch file."""
+    if not path.is_file():
+        raise CheckpointError("file not found", file=str(path))
+    tensors = read_safetensors(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    if isinstance(tensors, dict):
+        if len(tensors) != 1:
+            raise CheckpointError(f"expected exactly one tensor, found {len(tensors)}", file=str(path))
+        tensors = next(iter(tensors.values()))
+    return tensors
+
+
+def _umt5_vocab(wan_dir: Path) -> int:
+    """Rows of the umT5 embedding, from ``text_encoder/config.json``."""
+    config = wan_dir / "text_encoder" / "config.json"
+    if not config.is_file():
+        raise CheckpointError("text encoder config not found", file=str(config))
+    return int(json.loads(config.read_text())["vocab_size"])
