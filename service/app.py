@@ -1,0 +1,67 @@
+"""The FastAPI gateway: ``create_app(settings)`` wires Redis, the job store, the queue and the routers.
+
+The gateway never imports torch (tests/test_service_imports.py checks it): jobs are enqueued by dotted
+path and the worker loads the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service.dependencies import Services
+from service.errors import install_error_handlers
+from service.maintenance import Maintenance
+from service.metrics import GatewayMetrics, HttpMetricsMiddleware
+from service.redis_client import connect_redis, job_queue, job_store
+from service.results import ResultFiles
+from service.routes import caption, health, jobs, submit
+from service.schemas import build_request_models
+from service.settings import Settings
+
+
+def build_services(settings: Settings) -> Services:
+    redis = connect_redis(settings)
+    store = job_store(settings, redis)
+    queue = job_queue(settings, redis)
+    return Services(
+        settings=settings,
+        store=store,
+        queue=queue,
+        files=ResultFiles(settings.results_dir),
+        metrics=GatewayMetrics(store, queue, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
+        models=build_request_models(settings),
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(services.files.ensure_dirs)
+        maintenance = Maintenance(settings, services.store, services.files, services.metrics)
+        maintenance.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(maintenance.stop)
+            await run_in_threadpool(services.store.redis.close)
+
+    app = FastAPI(
+        title="Uni-ViGU Serve",
+        version="0.1.0",
+        summary="Text-to-video, video captioning and joint generation with one diffusion model.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app, retry_after_seconds=settings.retry_after_seconds)
+    app.include_router(submit.build_router(services.models))
+    app.include_router(caption.build_router(services.models))
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    app.add_middleware(HttpMetricsMiddleware, metrics=services.metrics)
+    return app

@@ -1,0 +1,330 @@
+"""The job store: the gateway's own job records in Redis, shared by the gateway and the workers.
+
+Keys (``{p}`` is ``settings.key_prefix``):
+
+- ``{p}:job:{id}``: a hash with the record; expires ``result_ttl_seconds`` after the job finishes.
+- ``{p}:jobs``: a sorted set of job ids by creation time (for ``GET /jobs``); pruned lazily.
+- ``{p}:running``: the set of running job ids; ``{p}:hb:{id}``: a running job's heartbeat (expiring).
+- ``{p}:idem:{scope}:{key}``: an Idempotency-Key's request fingerprint and job id.
+- ``{p}:workers``: a sorted set of worker names by their last heartbeat (for ``/readyz``).
+
+Every status transition is one Lua script, so a cancel, a start, a finish and the reaper never race:
+``queued -> running -> succeeded | failed | canceled`` and ``queued -> canceled``; terminal is final.
+Progress only ever grows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+
+from service.schemas import ErrorInfo, JobRecord, JobResult, JobStatus, JobType
+
+_START = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+return 1
+"""
+
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'progress') or '0') then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+end
+return 1
+"""
+
+# ARGV: status, finished_at, expires_at, ttl, result json, error json, job id
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then
+  redis.call('SREM', KEYS[3], ARGV[7])
+  return status or ''
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], 'expires_at', ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[5], 'progress', '100') end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[7])
+return 'ok'
+"""
+
+# A queued job is canceled at once; a running one gets a flag that its worker checks at every step.
+# ARGV: finished_at, expires_at, ttl, error json
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+elseif status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1], 'expires_at', ARGV[2],
+             'error', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return status or ''
+"""
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r} (unknown or expired)")
+        self.job_id = job_id
+
+
+class IdempotencyConflict(ValueError):
+    """The Idempotency-Key was used before with a different request."""
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    scope: str
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Submission:
+    record: JobRecord
+    created: bool
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(value), UTC) if value else None
+
+
+class JobStore:
+    """Job records over Redis. Thread-safe as long as the Redis client is (redis-py's is)."""
+
+    def __init__(self, redis: Redis, *, prefix: str, result_ttl_seconds: int, heartbeat_ttl_seconds: float):
+        self.redis = redis
+        self.prefix = prefix
+        self.result_ttl_seconds = result_ttl_seconds
+        self.heartbeat_ttl_ms = int(heartbeat_ttl_seconds * 1000)
+        self._index = f"{prefix}:jobs"
+        self._running = f"{prefix}:running"
+        self._workers = f"{prefix}:workers"
+        self._start = redis.register_script(_START)
+        self._progress = redis.register_script(_PROGRESS)
+        self._finish = redis.register_script(_FINISH)
+        self._cancel = redis.register_script(_CANCEL)
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _heartbeat_key(self, job_id: str) -> str:
+        return f"{self.prefix}:hb:{job_id}"
+
+    # --- creating and reading --------------------------------------------------------------------------
+
+    def create(
+        self,
+        job_id: str,
+        job_type: JobType,
+        params: dict[str, Any],
+        *,
+        idempotency: Idempotency | None,
+        idempotency_ttl_seconds: int,
+        enqueue: Callable[[Pipeline], None],
+        admit: Callable[[], None],
+    ) -> Submission:
+        """Store a queued record and enqueue it in one transaction, or return the Idempotency-Key's job.
+
+        ``admit`` runs before anything is written and may raise (a full queue); ``enqueue`` adds the
+        queue's writes to the same MULTI so that a record never exists without its queue entry.
+        """
+        idem_key = f"{self.prefix}:idem:{idempotency.scope}:{idempotency.key}" if idempotency else None
+        now = _now()
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    if idempotency and idem_key:
+                        pipe.watch(idem_key)
+                        claimed = pipe.get(idem_key)
+                        if claimed is not None:
+                            return Submission(self._replay(json.loads(claimed), idempotency), created=False)
+                    admit()
+                    pipe.multi()
+                    if idempotency and idem_key:
+                        claim = {"fingerprint": idempotency.fingerprint, "job_id": job_id}
+                        pipe.set(idem_key, json.dumps(claim), ex=idempotency_ttl_seconds)
+                    pipe.hset(
+                        self._job_key(job_id),
+                        mapping={
+                            "id": job_id,
+                            "type": job_type.value,
+                            "status": JobStatus.queued.value,
+                            "progress": "0",
+                            "created_at": repr(now),
+                            "params": json.dumps(params),
+                        },
+                    )
+                    pipe.zadd(self._index, {job_id: now})
+                    enqueue(pipe)
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        return Submission(self.get(job_id), created=True)
+
+    def _replay(self, claim: dict[str, str], idempotency: Idempotency) -> JobRecord:
+        if claim["fingerprint"] != idempotency.fingerprint:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was used with a different request; use a new key for a new request"
+            )
+        return self.get(claim["job_id"])
+
+    def find(self, job_id: str) -> JobRecord | None:
+        return self._parse(self.redis.hgetall(self._job_key(job_id)))
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.find(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record
+
+    @staticmethod
+    def _parse(raw: dict[bytes, bytes]) -> JobRecord | None:
+        if not raw or b"status" not in raw:
+            return None
+        fields = {key.decode(): value.decode() for key, value in raw.items()}
+        return JobRecord(
+            id=fields["id"],
+            type=JobType(fields["type"]),
+            status=JobStatus(fields["status"]),
+            progress=int(fields.get("progress", "0")),
+            created_at=_timestamp(fields["created_at"]),
+            started_at=_timestamp(fields.get("started_at")),
+            finished_at=_timestamp(fields.get("finished_at")),
+            expires_at=_timestamp(fields.get("expires_at")),
+            params=json.loads(fields.get("params", "{}")),
+            error=ErrorInfo.model_validate_json(fields["error"]) if "error" in fields else None,
+            result=JobResult.model_validate_json(fields["result"]) if "result" in fields else None,
+            worker=fields.get("worker"),
+            cancel_requested=fields.get("cancel_requested") == "1",
+        )
+
+    def page(
+        self,
+        *,
+        status: JobStatus | None,
+        job_type: JobType | None,
+        cursor: int,
+        limit: int,
+        batch: int = 200,
+    ) -> tuple[list[JobRecord], int | None]:
+        """Newest first. ``cursor`` is a position in the index; returns the records and the next cursor."""
+        found: list[JobRecord] = []
+        position = cursor
+        while len(found) < limit:
+            ids = self.redis.zrevrange(self._index, position, position + batch - 1)
+            if not ids:
+                return found, None
+            for offset, record in enumerate(self._records([i.decode() for i in ids])):
+                if (
+                    record is not None
+                    and (status is None or record.status == status)
+                    and (job_type is None or record.type == job_type)
+                ):
+                    found.append(record)
+                    if len(found) == limit:
+                        return found, position + offset + 1
+            position += len(ids)
+        return found, position
+
+    def _records(self, ids: list[str]) -> Iterator[JobRecord | None]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self._job_key(job_id))
+            raws = pipe.execute()
+        expired = [job_id for job_id, raw in zip(ids, raws, strict=True) if not raw]
+        if expired:
+            self.redis.zrem(self._index, *expired)
+        for raw in raws:
+            yield self._parse(raw)
+
+    # --- transitions -----------------------------------------------------------------------------------
+
+    def start(self, job_id: str, worker: str) -> bool:
+        """queued -> running with a first heartbeat. False if the job is no longer queued (canceled)."""
+        keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
+        return bool(self._start(keys=keys, args=[repr(_now()), worker, self.heartbeat_ttl_ms, job_id]))
+
+    def heartbeat(self, job_id: str, worker: str) -> None:
+        self.redis.set(self._heartbeat_key(job_id), worker, px=self.heartbeat_ttl_ms)
+
+    def progress(self, job_id: str, percent: int) -> None:
+        self._progress(keys=[self._job_key(job_id)], args=[percent])
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self._job_key(job_id), "cancel_requested") == b"1"
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        result: JobResult | None = None,
+        error: ErrorInfo | None = None,
+    ) -> bool:
+        """running -> a terminal status. False if the job was no longer running (reaped)."""
+        now = _now()
+        keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
+        args = [
+            status.value,
+            repr(now),
+            repr(now + self.result_ttl_seconds),
+            self.result_ttl_seconds,
+            result.model_dump_json() if result else "",
+            error.model_dump_json() if error else "",
+            job_id,
+        ]
+        return self._finish(keys=keys, args=args) == b"ok"
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a queued job or flag a running one; returns the status the job had before."""
+        now = _now()
+        error = ErrorInfo(code="canceled", message="canceled on request").model_dump_json()
+        args = [repr(now), repr(now + self.result_ttl_seconds), self.result_ttl_seconds, error]
+        status = self._cancel(keys=[self._job_key(job_id)], args=args)
+        if not status:
+            raise JobNotFound(job_id)
+        return JobStatus(status.decode())
+
+    def lost_jobs(self) -> list[str]:
+        """Running jobs whose heartbeat expired."""
+        running = [job_id.decode() for job_id in self.redis.smembers(self._running)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.exists(self._heartbeat_key(job_id))
+            alive = pipe.execute()
+        return [job_id for job_id, beating in zip(running, alive, strict=True) if not beating]
+
+    def running_count(self) -> int:
+        return int(self.redis.scard(self._running))
+
+    # --- workers -----------------------------------------------------------------------------------------
+
+    def worker_alive(self, name: str) -> None:
+        self.redis.zadd(self._workers, {name: _now()})
+
+    def worker_gone(self, name: str) -> None:
+        self.redis.zrem(self._workers, name)
+
+    def live_workers(self, ttl_seconds: float) -> int:
+        cutoff = _now() - ttl_seconds
+        self.redis.zremrangebyscore(self._workers, "-inf", f"({cutoff}")
+        return int(self.redis.zcard(self._workers))

@@ -1,0 +1,86 @@
+"""Where job files live under ``results_dir`` and how expired ones are removed.
+
+``jobs/{id}/video.mp4`` and ``jobs/{id}/result.json`` are written by the worker under a temporary name
+and renamed, so a reader sees a whole file or none. ``uploads/{id}.upload`` holds a caption job's input.
+A job's files are deleted once its record expired from Redis (``result_ttl_seconds`` after it finished).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from model.errors import StorageError
+from service.jobs import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class ResultFiles:
+    def __init__(self, results_dir: Path) -> None:
+        self.jobs_dir = results_dir / "jobs"
+        self.uploads_dir = results_dir / "uploads"
+
+    def ensure_dirs(self) -> None:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def video(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "video.mp4"
+
+    def result_json(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "result.json"
+
+    def upload(self, job_id: str) -> Path:
+        return self.uploads_dir / f"{job_id}.upload"
+
+    def write_json(self, job_id: str, payload: dict[str, Any]) -> Path:
+        """Write result.json atomically (temporary file in the same directory, then rename)."""
+        target = self.result_json(job_id)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(prefix=".result-", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(payload, handle, ensure_ascii=False, indent=2)
+                os.replace(temporary, target)
+            finally:
+                Path(temporary).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not write {target}: {exc}") from exc
+        return target
+
+    def remove_upload(self, job_id: str) -> None:
+        self.upload(job_id).unlink(missing_ok=True)
+
+    def clean_expired(self, store: JobStore, *, upload_grace_seconds: float) -> int:
+        """Delete the files of jobs whose record expired. Uploads younger than ``upload_grace_seconds``
+        are kept (an upload is written before its record exists). Returns how many entries went."""
+        cutoff = time.time() - upload_grace_seconds
+        removed = 0
+        for path in self._entries(self.jobs_dir):
+            if store.find(path.name) is None:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        for path in self._entries(self.uploads_dir):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff and store.find(path.stem) is None:
+                    path.unlink()
+                    removed += 1
+        if removed:
+            log.info("removed %d expired result entries", removed)
+        return removed
+
+    @staticmethod
+    def _entries(directory: Path) -> list[Path]:
+        return list(directory.iterdir()) if directory.is_dir() else []

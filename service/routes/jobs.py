@@ -1,0 +1,83 @@
+"""Reading, listing and canceling jobs; downloading their results."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import FileResponse
+
+from service.dependencies import ClientScope, ServicesDep
+from service.errors import ApiError
+from service.routes._responses import READ_ERRORS
+from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType
+from service.submission import cancel, job_view
+
+router = APIRouter(tags=["jobs"])
+
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The job id from the 202 answer.")]
+MAX_PAGE = 100
+
+
+@router.get("/jobs", response_model=JobPage, responses=READ_ERRORS)
+def list_jobs(
+    services: ServicesDep,
+    _: ClientScope,
+    status: JobStatus | None = None,
+    job_type: Annotated[JobType | None, Query(alias="type", description="Job type.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    cursor: Annotated[int, Query(ge=0, description="next_cursor of the previous page.")] = 0,
+) -> JobPage:
+    """Recent jobs, newest first, optionally only one status and/or type."""
+    records, next_cursor = services.store.page(status=status, job_type=job_type, cursor=cursor, limit=limit)
+    return JobPage(
+        jobs=[job_view(services, record) for record in records],
+        next_cursor=None if next_cursor is None else str(next_cursor),
+    )
+
+
+@router.get("/jobs/{job_id}", response_model=Job, responses=READ_ERRORS)
+def get_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
+    return job_view(services, services.store.get(job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Job, responses=READ_ERRORS)
+def cancel_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
+    """A queued job is canceled and never runs; a running one stops at its next denoising step
+    (its status turns canceled then); a finished job answers 409."""
+    return cancel(services, job_id)
+
+
+def _succeeded(record: JobRecord) -> None:
+    if record.status != JobStatus.succeeded:
+        raise ApiError(409, "job_not_succeeded", f"job {record.id} is {record.status.value}", param="id")
+
+
+@router.get(
+    "/jobs/{job_id}/video",
+    response_class=FileResponse,
+    responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "Partial content (Range)."}}
+    | READ_ERRORS,
+)
+def get_video(job_id: JobId, services: ServicesDep, _: ClientScope) -> FileResponse:
+    """The MP4 of a generate or joint job; supports Range requests (seeking)."""
+    record = services.store.get(job_id)
+    if record.type == JobType.caption:
+        raise ApiError(404, "no_video", "caption jobs have no video; see /result", param="id")
+    _succeeded(record)
+    path = services.files.video(job_id)
+    if not path.is_file():
+        raise ApiError(404, "result_expired", f"the video of job {job_id} was deleted", param="id")
+    return FileResponse(
+        path, media_type="video/mp4", filename=f"{job_id}.mp4", content_disposition_type="inline"
+    )
+
+
+@router.get("/jobs/{job_id}/result", response_class=FileResponse, responses=READ_ERRORS)
+def get_result(job_id: JobId, services: ServicesDep, _: ClientScope) -> FileResponse:
+    """The result JSON (caption, tokens, parameters used, output sizes)."""
+    _succeeded(services.store.get(job_id))
+    path = services.files.result_json(job_id)
+    if not path.is_file():
+        raise ApiError(404, "result_expired", f"the result of job {job_id} was deleted", param="id")
+    return FileResponse(path, media_type="application/json")

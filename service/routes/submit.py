@@ -1,0 +1,50 @@
+"""POST /generate and POST /joint (JSON bodies)."""
+
+# No `from __future__ import annotations`: the request models are built at runtime from the settings
+# and FastAPI must see them as real classes.
+
+from collections.abc import Callable
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel
+
+from service.dependencies import ClientScope, IdempotencyKey, ServicesDep
+from service.routes._responses import SUBMIT_ERRORS
+from service.schemas import Job, JobType, RequestModels
+from service.submission import accepted, new_job_id, submit
+
+
+def _endpoint(job_type: JobType, request_model: type[BaseModel], summary: str) -> Callable[..., Job]:
+    def endpoint(
+        body: request_model,  # type: ignore[valid-type]
+        response: Response,
+        services: ServicesDep,
+        scope: ClientScope,
+        idempotency_key: IdempotencyKey,
+    ) -> Job:
+        params = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
+        submission = submit(
+            services, job_type, params, job_id=new_job_id(), scope=scope, idempotency_key=idempotency_key
+        )
+        return accepted(services, submission, response)
+
+    endpoint.__doc__ = f"{summary} Answers 202 with the queued job; poll GET /jobs/{{id}}."
+    return endpoint
+
+
+def build_router(models: RequestModels) -> APIRouter:
+    router = APIRouter(tags=["jobs"])
+    for path, job_type, request_model, summary in (
+        ("/generate", JobType.generate, models.generate, "Text to video."),
+        ("/joint", JobType.joint, models.joint, "A video and its caption from one prompt."),
+    ):
+        router.add_api_route(
+            path,
+            _endpoint(job_type, request_model, summary),
+            methods=["POST"],
+            status_code=202,
+            response_model=Job,
+            responses=SUBMIT_ERRORS,
+            name=job_type.value,
+        )
+    return router

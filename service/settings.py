@@ -1,0 +1,129 @@
+"""One settings object for the gateway, the workers and `univigu up`.
+
+Values come from the environment (prefix ``UNIVIGU_``; ``REDIS_URL`` is accepted as well) and are read
+once by :func:`load_settings`. Tests and the CLI build their own ``Settings(...)`` or ``model_copy`` one.
+
+Liveness bound: a worker refreshes each running job's heartbeat every ``heartbeat_interval_seconds``;
+the key lives ``heartbeat_ttl_seconds``; the gateway's reaper looks every ``reaper_interval_seconds``.
+A worker that dies mid-job therefore leaves its job ``failed`` with code ``worker_lost`` within
+:attr:`Settings.worker_lost_bound_seconds` = heartbeat TTL + reaper interval + 1 s of Redis expiry
+slack (13 s with the defaults; documented as "within 15 s").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of Uni-ViGU Serve. Every field maps to the variable ``UNIVIGU_<FIELD_NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="UNIVIGU_", extra="ignore", frozen=True)
+
+    # --- Redis and the queue ---------------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("UNIVIGU_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Redis for the queue and the job records. UNIVIGU_REDIS_URL or REDIS_URL.",
+    )
+    redis_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="Connect and socket timeout of every Redis call; an unreachable Redis fails fast.",
+    )
+    queue_name: str = Field("univigu", description="The rq queue that gateways fill and workers drain.")
+    key_prefix: str = Field("univigu", description="Prefix of the gateway's own Redis keys (job records).")
+    max_queue_length: int = Field(100, ge=1, description="Queued jobs beyond this answer 503 queue_full.")
+    job_timeout_seconds: int = Field(
+        1800, ge=1, description="A running job is stopped and failed with code timeout after this."
+    )
+    retry_after_seconds: int = Field(5, ge=1, description="Retry-After sent with every 503.")
+
+    # --- results -----------------------------------------------------------------------------------------
+    results_dir: Path = Field(
+        Path("results"), description="Videos, result JSON and uploads (a shared volume)."
+    )
+    result_ttl_seconds: int = Field(
+        86400, ge=1, description="Finished jobs and their files are kept this long, then deleted."
+    )
+    cleanup_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are deleted.")
+
+    # --- liveness ----------------------------------------------------------------------------------------
+    heartbeat_interval_seconds: float = Field(2.0, gt=0, description="Workers refresh heartbeats this often.")
+    heartbeat_ttl_seconds: float = Field(10.0, gt=0, description="A heartbeat older than this means lost.")
+    reaper_interval_seconds: float = Field(
+        2.0, gt=0, description="The gateway looks for lost jobs this often."
+    )
+
+    # --- HTTP --------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Gateway bind address (0.0.0.0 in a container).")
+    port: int = Field(8000, ge=1, le=65535, description="Gateway port.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys; empty disables authentication.",
+    )
+    api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1, description="Largest accepted caption upload.")
+    idempotency_ttl_seconds: int = Field(
+        86400, ge=1, description="How long an Idempotency-Key is remembered."
+    )
+
+    # --- request limits (validated at the edge; None fields use the model's defaults) --------------------
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
+    min_size: int = Field(16, ge=16, description="Smallest height/width (multiples of 16).")
+    max_size: int = Field(1280, ge=16, description="Largest height/width (multiples of 16).")
+    min_frames: int = Field(1, ge=1, description="Fewest frames (num_frames = 4k+1).")
+    max_frames: int = Field(129, ge=1, description="Most frames (num_frames = 4k+1).")
+    min_fps: int = Field(1, ge=1, description="Lowest output frame rate.")
+    max_fps: int = Field(60, ge=1, description="Highest output frame rate.")
+    max_steps: int = Field(100, ge=1, description="Most denoising steps.")
+    max_guidance_scale: float = Field(20.0, ge=0, description="Largest classifier-free guidance scale.")
+    max_caption_tokens: int = Field(512, ge=1, description="Longest caption, in tokens.")
+
+    # --- worker ------------------------------------------------------------------------------------------
+    device: str = Field("cpu", description="Torch device of `univigu worker` (one worker per GPU).")
+    preset: str | None = Field(None, description="Random-init model preset, e.g. tiny (tests, demos).")
+    weights: Path | None = Field(None, description="A folder in our saved format (from_pretrained).")
+    wan: Path | None = Field(None, description="A Wan2.1 Diffusers folder; needs `checkpoint`.")
+    checkpoint: Path | None = Field(None, description="The Uni-ViGU checkpoint applied on top of `wan`.")
+    worker_metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Each worker's Prometheus port; 0: off."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Settings:
+        for low, high in (("min_size", "max_size"), ("min_frames", "max_frames"), ("min_fps", "max_fps")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} must not exceed {high}")
+        if self.heartbeat_interval_seconds >= self.heartbeat_ttl_seconds:
+            raise ValueError("heartbeat_interval_seconds must be shorter than heartbeat_ttl_seconds")
+        return self
+
+    @property
+    def worker_lost_bound_seconds(self) -> float:
+        """Longest time a job of a dead worker stays ``running`` before it is failed as ``worker_lost``."""
+        return self.heartbeat_ttl_seconds + self.reaper_interval_seconds + 1.0
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.results_dir / "uploads"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.results_dir / "jobs"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once; keyword overrides (from the CLI) win."""
+    return Settings(**overrides)  # type: ignore[arg-type]

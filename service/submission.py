@@ -1,0 +1,79 @@
+"""Submitting and canceling jobs: the gateway's use cases over the job store and the queue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+from fastapi import Response
+
+from service.dependencies import Services
+from service.errors import ApiError
+from service.jobs import Idempotency, Submission
+from service.schemas import Job, JobRecord, JobStatus, JobType
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _fingerprint(job_type: JobType, params: dict[str, Any], extra: str) -> str:
+    canonical = json.dumps({"type": job_type.value, "params": params, "extra": extra}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit(
+    services: Services,
+    job_type: JobType,
+    params: dict[str, Any],
+    *,
+    job_id: str,
+    scope: str,
+    idempotency_key: str | None,
+    fingerprint_extra: str = "",
+) -> Submission:
+    """Record and enqueue a job in one transaction; a known Idempotency-Key returns its job instead."""
+    idempotency = (
+        Idempotency(scope, idempotency_key, _fingerprint(job_type, params, fingerprint_extra))
+        if idempotency_key
+        else None
+    )
+    return services.store.create(
+        job_id,
+        job_type,
+        params,
+        idempotency=idempotency,
+        idempotency_ttl_seconds=services.settings.idempotency_ttl_seconds,
+        enqueue=lambda pipeline: services.queue.enqueue(job_id, pipeline),
+        admit=services.queue.admit,
+    )
+
+
+def job_view(services: Services, record: JobRecord) -> Job:
+    position = services.queue.position(record.id) if record.status == JobStatus.queued else None
+    return Job.from_record(record, queue_position=position)
+
+
+def accepted(services: Services, submission: Submission, response: Response) -> Job:
+    """The 202 body and headers of a submission (``Idempotent-Replayed`` on a replay)."""
+    response.headers["Location"] = f"/jobs/{submission.record.id}"
+    if not submission.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_view(services, submission.record)
+
+
+def cancel(services: Services, job_id: str) -> Job:
+    """Queued: canceled now and never run. Running: stops at its next denoising step. Finished: 409."""
+    before = services.store.cancel(job_id)
+    record = services.store.get(job_id)
+    if before == JobStatus.queued:
+        services.queue.remove(job_id)
+        services.files.remove_upload(job_id)
+        services.metrics.jobs_finished.labels(record.type.value, JobStatus.canceled.value).inc()
+    elif before.terminal:
+        raise ApiError(
+            409, "job_finished", f"job {job_id} already {before.value}; nothing to cancel", param="id"
+        )
+    return job_view(services, record)
