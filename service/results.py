@@ -38,6 +38,14 @@ class ResultFiles:
     def video(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "video.mp4"
 
+    def video_target(self, job_id: str) -> Path:
+        """The video path, with its directory created (the writer renames into it)."""
+        try:
+            self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not create {self.job_dir(job_id)}: {exc}") from exc
+        return self.video(job_id)
+
     def result_json(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "result.json"
 

@@ -1,0 +1,60 @@
+"""Which model a worker serves, and loading it once at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from model.pipeline import UniViGUPipeline
+
+
+class ModelSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Exactly one source: a random-init preset, our saved folder, or Wan2.1 + a Uni-ViGU checkpoint."""
+
+    device: str
+    preset: str | None = None
+    weights: Path | None = None
+    wan: Path | None = None
+    checkpoint: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelSpec:
+        spec = cls(settings.device, settings.preset, settings.weights, settings.wan, settings.checkpoint)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        sources = [name for name in ("preset", "weights", "wan") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise ModelSpecError("give exactly one of --preset, --weights or --wan (with --checkpoint)")
+        if (self.wan is None) != (self.checkpoint is None):
+            raise ModelSpecError("--wan and --checkpoint go together")
+
+    def describe(self) -> str:
+        source = (
+            f"preset {self.preset}"
+            if self.preset
+            else f"weights {self.weights}"
+            if self.weights
+            else f"wan {self.wan} + {self.checkpoint}"
+        )
+        return f"{source} on {self.device}"
+
+
+def load_pipeline(spec: ModelSpec) -> UniViGUPipeline:
+    from model.pipeline import UniViGUPipeline  # torch loads here, not at import
+
+    if spec.preset is not None:
+        return UniViGUPipeline.from_preset(spec.preset, device=spec.device)
+    if spec.weights is not None:
+        return UniViGUPipeline.from_pretrained(spec.weights, device=spec.device)
+    return UniViGUPipeline.from_wan(spec.wan, checkpoint=spec.checkpoint, device=spec.device)

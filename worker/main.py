@@ -1,0 +1,115 @@
+"""`univigu worker`: load the pipeline once, then run queued jobs in this process with rq's SimpleWorker.
+
+CUDA state does not survive rq's default fork-per-job, so jobs run in-process. Start one worker per GPU;
+any number of workers on any number of machines may share one Redis. A heartbeat thread marks this
+worker alive (for /readyz) and keeps the running job's heartbeat fresh; if the process dies, the
+gateway's reaper fails that job as ``worker_lost`` (see ``Settings.worker_lost_bound_seconds``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import torch
+from prometheus_client import start_http_server
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from service.jobs import JobStore
+from service.metrics import WorkerMetrics
+from service.redis_client import connect_redis, job_queue, job_store
+from service.results import ResultFiles
+from service.settings import Settings
+from worker import jobs
+from worker.loading import ModelSpec, load_pipeline
+from worker.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Marks the worker alive and refreshes its running job's heartbeat, from a thread."""
+
+    def __init__(
+        self, store: JobStore, runner: JobRunner, metrics: WorkerMetrics, *, interval: float, device: str
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.metrics = metrics
+        self.interval = interval
+        self.device = torch.device(device)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="univigu-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def beat(self) -> None:
+        name = self.runner.worker_name
+        self.store.worker_alive(name)
+        job_id = self.runner.current_job
+        if job_id is not None:
+            self.store.heartbeat(job_id, name)
+        if self.device.type == "cuda":
+            self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.device))
+            self.metrics.gpu_memory_peak.set(torch.cuda.max_memory_allocated(self.device))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.beat()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("heartbeat not sent, Redis unreachable: %s", exc)
+            if self._stop.wait(self.interval):
+                return
+
+
+def default_worker_name(device: str) -> str:
+    return f"{socket.gethostname()}.{os.getpid()}.{device.replace(':', '')}"
+
+
+def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst: bool = False) -> None:
+    """Load the model, then work until SIGTERM/SIGINT (after the current job) or, with ``burst``, until
+    the queue is empty."""
+    name = name or default_worker_name(spec.device)
+    metrics = WorkerMetrics()
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
+        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    log.info("loading %s", spec.describe())
+    started = time.monotonic()
+    pipeline = load_pipeline(spec)
+    metrics.model_load.set(time.monotonic() - started)
+    log.info("model loaded in %.1f s", time.monotonic() - started)
+
+    files = ResultFiles(settings.results_dir)
+    files.ensure_dirs()
+    store = job_store(settings, connect_redis(settings))
+    runner = JobRunner(pipeline, store=store, files=files, metrics=metrics, worker_name=name)
+    jobs.install(runner)
+    heartbeat = Heartbeat(
+        store, runner, metrics, interval=settings.heartbeat_interval_seconds, device=spec.device
+    )
+    heartbeat.start()
+    blocking = connect_redis(settings, blocking=True)
+    rq_worker = SimpleWorker(
+        [job_queue(settings, blocking).rq], connection=blocking, serializer=JSONSerializer, name=name
+    )
+    try:
+        rq_worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+    finally:
+        heartbeat.stop()
+        try:
+            store.worker_gone(name)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("could not deregister worker %s: %s", name, exc)

@@ -1,0 +1,201 @@
+"""Running one job in the worker process: read its record, call the pipeline, store results atomically.
+
+Every outcome ends the job: succeeded, canceled, or failed with a code (the model's error codes,
+``gpu_oom``, ``timeout``, ``storage_error``, ``internal_error``). The worker keeps serving afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq.timeouts import JobTimeoutException
+
+from model.errors import Canceled, UniViGUError
+from model.media import write_mp4
+from service.jobs import JobStore
+from service.metrics import WorkerMetrics
+from service.results import ResultFiles
+from service.schemas import PARAMS_BY_TYPE, ErrorInfo, JobRecord, JobResult, JobStatus, JobType
+
+log = logging.getLogger(__name__)
+
+_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
+# How long a finished job's outcome is retried while Redis is unreachable before giving up (the
+# gateway's reaper then fails the job as worker_lost).
+FINISH_RETRY_SECONDS = 60.0
+
+
+class Pipeline(Protocol):
+    def generate(self, prompt: str, **kwargs: Any) -> Any: ...
+    def caption(self, video: Any, **kwargs: Any) -> Any: ...
+    def joint(self, prompt: str, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: JobStatus
+    result: JobResult | None = None
+    error: ErrorInfo | None = None
+
+
+class JobRunner:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        store: JobStore,
+        files: ResultFiles,
+        metrics: WorkerMetrics,
+        worker_name: str,
+    ) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.files = files
+        self.metrics = metrics
+        self.worker_name = worker_name
+        self._current: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current_job(self) -> str | None:
+        with self._lock:
+            return self._current
+
+    def run(self, job_id: str) -> None:
+        if not self.store.start(job_id, self.worker_name):
+            log.info("job %s is no longer queued (canceled); skipped", job_id)
+            return
+        with self._lock:
+            self._current = job_id
+        self.metrics.busy.set(1)
+        record = self.store.get(job_id)
+        started = time.monotonic()
+        if record.started_at is not None:
+            wait = (record.started_at - record.created_at).total_seconds()
+            self.metrics.queue_wait.labels(record.type.value).observe(wait)
+        try:
+            outcome = self._execute(record)
+        finally:
+            if record.type == JobType.caption:
+                self.files.remove_upload(job_id)
+        self._finish(record, outcome)
+        self.metrics.run_time.labels(record.type.value).observe(time.monotonic() - started)
+        with self._lock:
+            self._current = None
+        self.metrics.busy.set(0)
+
+    def _execute(self, record: JobRecord) -> Outcome:
+        try:
+            return Outcome(JobStatus.succeeded, result=self._call(record))
+        except Canceled:
+            log.info("job %s canceled", record.id)
+            return Outcome(
+                JobStatus.canceled, error=ErrorInfo(code="canceled", message="canceled on request")
+            )
+        except UniViGUError as exc:
+            log.info("job %s failed: %s: %s", record.id, exc.code, exc.message)
+            return Outcome(
+                JobStatus.failed, error=ErrorInfo(code=exc.code, message=exc.message, param=exc.param)
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            log.warning("job %s ran out of GPU memory: %s", record.id, exc)
+            torch.cuda.empty_cache()
+            message = "the GPU ran out of memory; try fewer frames, a smaller size or fewer tokens"
+            return Outcome(JobStatus.failed, error=ErrorInfo(code="gpu_oom", message=message))
+        except JobTimeoutException:
+            log.warning("job %s timed out", record.id)
+            return Outcome(JobStatus.failed, error=ErrorInfo(code="timeout", message="the job ran too long"))
+        except Exception:  # the worker's last line: the job fails with a code, the traceback is logged
+            log.exception("job %s failed with an unexpected error", record.id)
+            message = "the worker hit an unexpected error; it is logged"
+            return Outcome(JobStatus.failed, error=ErrorInfo(code="internal_error", message=message))
+
+    def _call(self, record: JobRecord) -> JobResult:
+        params: dict[str, Any] = (
+            PARAMS_BY_TYPE[record.type].model_validate(record.params).model_dump(exclude_none=True)
+        )
+        hooks = {"progress": self._progress(record), "should_cancel": self._should_cancel(record.id)}
+        if record.type == JobType.generate:
+            return self._video_result(record, self.pipeline.generate(**params, **hooks), caption=None)
+        if record.type == JobType.joint:
+            output = self.pipeline.joint(**params, **hooks)
+            return self._video_result(record, output, caption=output.text)
+        output = self.pipeline.caption(str(self.files.upload(record.id)), **params, **hooks)
+        self.files.write_json(
+            record.id, self._payload(record, caption=output.text, tokens=list(output.tokens))
+        )
+        return JobResult(caption=output.text, result_url=f"/jobs/{record.id}/result")
+
+    def _video_result(self, record: JobRecord, output: Any, *, caption: str | None) -> JobResult:
+        frames = output.frames
+        write_mp4(frames, self.files.video_target(record.id), fps=output.fps)
+        num_frames, height, width = (int(size) for size in frames.shape[:3])
+        result = JobResult(
+            video_url=f"/jobs/{record.id}/video",
+            result_url=f"/jobs/{record.id}/result",
+            caption=caption,
+            fps=int(output.fps),
+            num_frames=num_frames,
+            height=height,
+            width=width,
+        )
+        self.files.write_json(record.id, self._payload(record, **result.model_dump(exclude_none=True)))
+        return result
+
+    @staticmethod
+    def _payload(record: JobRecord, **fields: Any) -> dict[str, Any]:
+        return {"id": record.id, "type": record.type.value, "params": record.params, **fields}
+
+    def _progress(self, record: JobRecord) -> Callable[[int, int], None]:
+        last = time.monotonic()
+        step_time = self.metrics.step_time.labels(record.type.value)
+
+        def report(step: int, total: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            step_time.observe(now - last)
+            last = now
+            try:
+                self.store.progress(record.id, min(100, max(0, 100 * step // max(total, 1))))
+            except _REDIS_ERRORS as exc:
+                log.warning("progress of job %s not saved, Redis unreachable: %s", record.id, exc)
+
+        return report
+
+    def _should_cancel(self, job_id: str) -> Callable[[], bool]:
+        def should_cancel() -> bool:
+            try:
+                return self.store.cancel_requested(job_id)
+            except _REDIS_ERRORS as exc:
+                log.warning("cancel flag of job %s not read, Redis unreachable: %s", job_id, exc)
+                return False
+
+        return should_cancel
+
+    def _finish(self, record: JobRecord, outcome: Outcome) -> None:
+        deadline = time.monotonic() + FINISH_RETRY_SECONDS
+        while True:
+            try:
+                finished = self.store.finish(
+                    record.id, outcome.status, result=outcome.result, error=outcome.error
+                )
+                break
+            except _REDIS_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    log.error("job %s outcome %s lost, Redis unreachable: %s", record.id, outcome.status, exc)
+                    return
+                time.sleep(1.0)
+        if finished:
+            self.metrics.jobs_finished.labels(record.type.value, outcome.status.value).inc()
+        else:
+            log.warning(
+                "job %s was no longer running (reaped?); outcome %s dropped", record.id, outcome.status
+            )
