@@ -1,0 +1,92 @@
+"""The job store's transitions on a real Redis: atomic, final once terminal, progress never decreasing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis import Redis
+
+from service.jobs import JobStore
+from service.redis_server import RedisServer
+from service.schemas import ErrorInfo, JobResult, JobStatus, JobType
+
+
+@pytest.fixture
+def store(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[JobStore]:
+    redis = Redis.from_url(redis_server.url)
+    yield JobStore(
+        redis, prefix=f"store-{request.node.name}", result_ttl_seconds=60, heartbeat_ttl_seconds=0.3
+    )
+    redis.close()
+
+
+def queued(store: JobStore, job_id: str = "j1") -> str:
+    store.create(
+        job_id,
+        JobType.generate,
+        {"prompt": "a cat"},
+        idempotency=None,
+        idempotency_ttl_seconds=60,
+        enqueue=lambda pipeline: None,
+        admit=lambda: None,
+    )
+    return job_id
+
+
+def test_lifecycle_and_progress_never_decreases(store: JobStore) -> None:
+    job_id = queued(store)
+    store.progress(job_id, 50)  # not running yet: ignored
+    assert store.get(job_id).progress == 0
+    assert store.start(job_id, "w1")
+    assert not store.start(job_id, "w2"), "a job starts once"
+    store.progress(job_id, 40)
+    store.progress(job_id, 20)
+    assert store.get(job_id).progress == 40
+    assert store.finish(job_id, JobStatus.succeeded, result=JobResult(caption="hi"))
+    record = store.get(job_id)
+    assert (record.status, record.progress, record.result.caption) == (JobStatus.succeeded, 100, "hi")
+    assert record.expires_at is not None and record.worker == "w1"
+    assert 0 < store.redis.ttl(f"{store.prefix}:job:{job_id}") <= 60
+    assert not store.finish(job_id, JobStatus.failed, error=ErrorInfo(code="x", message="late"))
+    assert store.get(job_id).status == JobStatus.succeeded
+
+
+def test_cancel_queued_is_final_and_the_job_never_starts(store: JobStore) -> None:
+    job_id = queued(store)
+    assert store.cancel(job_id) == JobStatus.queued
+    assert store.get(job_id).status == JobStatus.canceled
+    assert not store.start(job_id, "w1")
+    assert store.cancel(job_id) == JobStatus.canceled
+
+
+def test_cancel_running_sets_the_flag_the_worker_polls(store: JobStore) -> None:
+    job_id = queued(store)
+    store.start(job_id, "w1")
+    assert not store.cancel_requested(job_id)
+    assert store.cancel(job_id) == JobStatus.running
+    assert store.cancel_requested(job_id)
+    assert store.get(job_id).status == JobStatus.running
+
+
+def test_running_jobs_without_heartbeat_are_lost(store: JobStore) -> None:
+    alive, dead = queued(store, "alive"), queued(store, "dead")
+    store.start(alive, "w1")
+    store.start(dead, "w2")
+    assert store.lost_jobs() == []
+    deadline = time.monotonic() + 5
+    while store.lost_jobs() != [dead] and time.monotonic() < deadline:
+        store.heartbeat(alive, "w1")
+        time.sleep(0.05)
+    assert store.lost_jobs() == [dead]
+    assert store.running_count() == 2
+    store.finish(dead, JobStatus.failed, error=ErrorInfo(code="worker_lost", message="gone"))
+    assert store.running_count() == 1
+
+
+def test_live_workers_expire(store: JobStore) -> None:
+    store.worker_alive("w1")
+    assert store.live_workers(ttl_seconds=10) == 1
+    time.sleep(0.05)
+    assert store.live_workers(ttl_seconds=0.01) == 0

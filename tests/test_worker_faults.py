@@ -1,0 +1,95 @@
+"""Faults: a worker SIGKILLed mid-job, and Redis restarted under a running gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import TINY_VIDEO, WorkerProcess, assert_envelope, make_settings, wait_for, wait_for_status
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.redis_server import RedisServer
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+LONG_JOB = {"prompt": "a long one", "height": 64, "width": 64, "num_frames": 17, "steps": 100}
+
+
+def test_a_killed_worker_leaves_its_job_failed_worker_lost_within_the_bound(
+    settings: Settings, client: TestClient, start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    worker = start_worker(settings)
+    worker.wait_ready(client)
+    job_id = client.post("/generate", json=LONG_JOB).json()["id"]
+    wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress"] > 0, timeout=120, what="progress")
+
+    worker.kill()
+    # Polled at 0.1 s, the job must be failed within the stated bound (plus one polling interval).
+    job = wait_for_status(
+        client, job_id, {"failed", "succeeded", "canceled"}, timeout=settings.worker_lost_bound_seconds + 0.5
+    )
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "worker_lost"
+    assert 'univigu_jobs_finished_total{status="failed",type="generate"} 1.0' in client.get("/metrics").text
+
+    # A new worker serves the queue again; the lost job stays failed (no silent re-run).
+    start_worker(settings).wait_ready(client)
+    after = client.post("/generate", json={"prompt": "after", **TINY_VIDEO}).json()["id"]
+    assert wait_for_status(client, after, {"succeeded", "failed"})["status"] == "succeeded"
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "failed"
+
+
+def test_redis_restart_answers_503_then_recovers_without_losing_accepted_jobs(
+    tmp_path: Path, start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    redis = RedisServer(tmp_path / "own-redis")
+    redis.start()
+    try:
+        settings = make_settings(tmp_path / "results", redis_url=redis.url, redis_timeout_seconds=0.5)
+        with TestClient(create_app(settings)) as client:
+            accepted = [
+                client.post("/generate", json={"prompt": f"job {i}", **TINY_VIDEO}).json()["id"]
+                for i in range(3)
+            ]
+
+            redis.stop()
+            submitted = client.post("/generate", json={"prompt": "while down", **TINY_VIDEO})
+            assert_envelope(submitted, 503, "redis_unavailable")
+            assert submitted.headers["retry-after"] == str(settings.retry_after_seconds)
+            assert_envelope(client.get(f"/jobs/{accepted[0]}"), 503, "redis_unavailable")
+            assert_envelope(client.get("/readyz"), 503, "redis_unavailable")
+
+            redis.start()
+            wait_for(lambda: client.get("/healthz").status_code == 200, timeout=10)
+            later = client.post("/generate", json={"prompt": "after restart", **TINY_VIDEO})
+            assert later.status_code == 202
+            start_worker(settings).wait_ready(client)
+            for job_id in [*accepted, later.json()["id"]]:
+                assert (
+                    wait_for_status(client, job_id, {"succeeded", "failed", "canceled"})["status"]
+                    == "succeeded"
+                )
+    finally:
+        redis.stop()
+
+
+def test_redis_restart_under_a_running_worker(
+    tmp_path: Path, start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    redis = RedisServer(tmp_path / "own-redis")
+    redis.start()
+    try:
+        settings = make_settings(tmp_path / "results", redis_url=redis.url, redis_timeout_seconds=0.5)
+        with TestClient(create_app(settings)) as client:
+            start_worker(settings).wait_ready(client)
+            redis.stop()
+            redis.start()
+            job_id = client.post("/generate", json={"prompt": "after restart", **TINY_VIDEO}).json()["id"]
+            assert (
+                wait_for_status(client, job_id, {"succeeded", "failed", "canceled"})["status"] == "succeeded"
+            )
+    finally:
+        redis.stop()

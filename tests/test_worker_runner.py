@@ -1,0 +1,143 @@
+"""The job runner in-process with stand-in pipelines: every failure class ends the job with its code and
+the runner keeps serving. (The real tiny pipeline runs in test_worker_e2e.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from redis import Redis
+
+from model.errors import Canceled, PromptTooLongError
+from service.jobs import JobStore
+from service.metrics import WorkerMetrics
+from service.redis_server import RedisServer
+from service.results import ResultFiles
+from service.schemas import JobStatus, JobType
+from worker.runner import JobRunner
+
+
+@dataclass
+class Video:
+    frames: np.ndarray
+    fps: int = 8
+
+
+class StandIn:
+    """Calls progress like the pipeline does, then does what the test asks."""
+
+    def __init__(self) -> None:
+        self.behaviour: Callable[[], Any] = lambda: Video(np.zeros((5, 32, 32, 3), dtype=np.uint8))
+
+    def generate(self, prompt: str, *, progress: Any, should_cancel: Any, **kwargs: Any) -> Any:
+        for step in (1, 2):
+            if should_cancel():
+                raise Canceled("canceled")
+            progress(step, 4)
+        return self.behaviour()
+
+    caption = joint = generate
+
+
+@pytest.fixture
+def runner(redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[JobRunner]:
+    redis = Redis.from_url(redis_server.url)
+    store = JobStore(
+        redis, prefix=f"runner-{request.node.name}", result_ttl_seconds=60, heartbeat_ttl_seconds=5
+    )
+    files = ResultFiles(tmp_path / "results")
+    files.ensure_dirs()
+    yield JobRunner(StandIn(), store=store, files=files, metrics=WorkerMetrics(), worker_name="w1")
+    redis.close()
+
+
+def run(runner: JobRunner, behaviour: Callable[[], Any] | None = None) -> Any:
+    if behaviour is not None:
+        runner.pipeline.behaviour = behaviour  # type: ignore[attr-defined]
+    job_id = f"job{np.random.default_rng().integers(1 << 30)}"
+    runner.store.create(
+        job_id,
+        JobType.generate,
+        {"prompt": "a cat"},
+        idempotency=None,
+        idempotency_ttl_seconds=60,
+        enqueue=lambda pipeline: None,
+        admit=lambda: None,
+    )
+    runner.run(job_id)
+    return runner.store.get(job_id)
+
+
+def raiser(error: BaseException) -> Callable[[], Any]:
+    def behave() -> Any:
+        raise error
+
+    return behave
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "param"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), "gpu_oom", None),
+        (
+            PromptTooLongError("prompt has 600 tokens; at most 512", param="prompt"),
+            "prompt_too_long",
+            "prompt",
+        ),
+        (RuntimeError("a bug"), "internal_error", None),
+    ],
+)
+def test_failures_end_the_job_with_a_code_and_the_runner_keeps_serving(
+    runner: JobRunner, error: BaseException, code: str, param: str | None
+) -> None:
+    failed = run(runner, raiser(error))
+    assert failed.status == JobStatus.failed
+    assert (failed.error.code, failed.error.param) == (code, param)
+    assert failed.progress == 50
+    assert runner.current_job is None
+    assert run(runner, lambda: Video(np.zeros((5, 32, 32, 3), dtype=np.uint8))).status == JobStatus.succeeded
+    metrics = runner.metrics.registry
+    assert (
+        metrics.get_sample_value("univigu_jobs_finished_total", {"type": "generate", "status": "failed"}) == 1
+    )
+    assert metrics.get_sample_value("univigu_worker_busy") == 0
+
+
+def test_unwritable_results_fail_with_storage_error(runner: JobRunner) -> None:
+    runner.files.jobs_dir.rmdir()
+    runner.files.jobs_dir.write_text("a file where the jobs directory should be")
+    failed = run(runner)
+    assert failed.status == JobStatus.failed
+    assert failed.error.code == "storage_error"
+
+
+def test_a_cancel_flag_stops_the_job(runner: JobRunner) -> None:
+    def cancel_during_run() -> Any:
+        raise AssertionError("should have stopped before")
+
+    store = runner.store
+    original = store.start
+
+    def start_and_cancel(job_id: str, worker: str) -> bool:
+        started = original(job_id, worker)
+        store.cancel(job_id)
+        return started
+
+    store.start = start_and_cancel  # type: ignore[method-assign]
+    canceled = run(runner, cancel_during_run)
+    assert canceled.status == JobStatus.canceled
+    assert canceled.error.code == "canceled"
+
+
+def test_success_writes_the_video_and_result_atomically(runner: JobRunner) -> None:
+    done = run(runner)
+    assert done.status == JobStatus.succeeded
+    job_dir = runner.files.job_dir(done.id)
+    assert sorted(path.name for path in job_dir.iterdir()) == ["result.json", "video.mp4"]
+    assert done.result.video_url == f"/jobs/{done.id}/video"
+    assert (done.result.num_frames, done.result.height, done.result.width) == (5, 32, 32)
