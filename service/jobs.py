@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
 from redis.client import Pipeline
@@ -188,7 +188,7 @@ class JobStore:
         return self.get(claim["job_id"])
 
     def find(self, job_id: str) -> JobRecord | None:
-        return self._parse(self.redis.hgetall(self._job_key(job_id)))
+        return self._parse(cast(dict[bytes, bytes], self.redis.hgetall(self._job_key(job_id))))
 
     def get(self, job_id: str) -> JobRecord:
         record = self.find(job_id)
@@ -206,7 +206,7 @@ class JobStore:
             type=JobType(fields["type"]),
             status=JobStatus(fields["status"]),
             progress=int(fields.get("progress", "0")),
-            created_at=_timestamp(fields["created_at"]),
+            created_at=datetime.fromtimestamp(float(fields["created_at"]), UTC),
             started_at=_timestamp(fields.get("started_at")),
             finished_at=_timestamp(fields.get("finished_at")),
             expires_at=_timestamp(fields.get("expires_at")),
@@ -230,7 +230,7 @@ class JobStore:
         found: list[JobRecord] = []
         position = cursor
         while len(found) < limit:
-            ids = self.redis.zrevrange(self._index, position, position + batch - 1)
+            ids = cast(list[bytes], self.redis.zrevrange(self._index, position, position + batch - 1))
             if not ids:
                 return found, None
             for offset, record in enumerate(self._records([i.decode() for i in ids])):
@@ -283,7 +283,7 @@ class JobStore:
         """running -> a terminal status. False if the job was no longer running (reaped)."""
         now = _now()
         keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
-        args = [
+        args: list[str | int] = [
             status.value,
             repr(now),
             repr(now + self.result_ttl_seconds),
@@ -298,15 +298,20 @@ class JobStore:
         """Cancel a queued job or flag a running one; returns the status the job had before."""
         now = _now()
         error = ErrorInfo(code="canceled", message="canceled on request").model_dump_json()
-        args = [repr(now), repr(now + self.result_ttl_seconds), self.result_ttl_seconds, error]
-        status = self._cancel(keys=[self._job_key(job_id)], args=args)
+        args: list[str | int] = [
+            repr(now),
+            repr(now + self.result_ttl_seconds),
+            self.result_ttl_seconds,
+            error,
+        ]
+        status = cast(bytes, self._cancel(keys=[self._job_key(job_id)], args=args))
         if not status:
             raise JobNotFound(job_id)
         return JobStatus(status.decode())
 
     def lost_jobs(self) -> list[str]:
         """Running jobs whose heartbeat expired."""
-        running = [job_id.decode() for job_id in self.redis.smembers(self._running)]
+        running = [job_id.decode() for job_id in cast(set[bytes], self.redis.smembers(self._running))]
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in running:
                 pipe.exists(self._heartbeat_key(job_id))

@@ -100,8 +100,8 @@ class RequestModels:
 
 def build_request_models(settings: Settings) -> RequestModels:
     """Subclass the ``*Params`` models with the numeric ranges of ``settings``."""
-    text = (str | None, Field(None, max_length=settings.max_prompt_chars))
-    size = {"multiple_of": 16, "ge": settings.min_size, "le": settings.max_size}
+    text: Any = (str | None, Field(None, max_length=settings.max_prompt_chars))
+    size: dict[str, Any] = {"multiple_of": 16, "ge": settings.min_size, "le": settings.max_size}
     video: dict[str, Any] = {
         "prompt": (str, Field(min_length=1, max_length=settings.max_prompt_chars)),
         "negative_prompt": text,
@@ -114,8 +114,11 @@ def build_request_models(settings: Settings) -> RequestModels:
         "fps": (int | None, Field(None, ge=settings.min_fps, le=settings.max_fps)),
         "guidance_scale": (float | None, Field(None, ge=0, le=settings.max_guidance_scale)),
     }
-    steps = (int | None, Field(None, ge=1, le=settings.max_steps, description="Denoising steps."))
-    tokens = (int | None, Field(None, ge=1, le=settings.max_caption_tokens, description="Caption tokens."))
+    steps: Any = (int | None, Field(None, ge=1, le=settings.max_steps, description="Denoising steps."))
+    tokens: Any = (
+        int | None,
+        Field(None, ge=1, le=settings.max_caption_tokens, description="Caption tokens."),
+    )
     return RequestModels(
         generate=create_model("GenerateRequest", __base__=GenerateParams, steps=steps, **video),
         joint=create_model("JointRequest", __base__=JointParams, steps=steps, max_tokens=tokens, **video),

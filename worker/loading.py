@@ -57,4 +57,6 @@ def load_pipeline(spec: ModelSpec) -> UniViGUPipeline:
         return UniViGUPipeline.from_preset(spec.preset, device=spec.device)
     if spec.weights is not None:
         return UniViGUPipeline.from_pretrained(spec.weights, device=spec.device)
-    return UniViGUPipeline.from_wan(spec.wan, checkpoint=spec.checkpoint, device=spec.device)
+    if spec.wan is not None and spec.checkpoint is not None:
+        return UniViGUPipeline.from_wan(spec.wan, checkpoint=spec.checkpoint, device=spec.device)
+    raise ModelSpecError(f"no model source in {spec}")

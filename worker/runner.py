@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,18 +25,15 @@ from service.metrics import WorkerMetrics
 from service.results import ResultFiles
 from service.schemas import PARAMS_BY_TYPE, ErrorInfo, JobRecord, JobResult, JobStatus, JobType
 
+if TYPE_CHECKING:
+    from model.pipeline import UniViGUPipeline
+
 log = logging.getLogger(__name__)
 
 _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 # How long a finished job's outcome is retried while Redis is unreachable before giving up (the
 # gateway's reaper then fails the job as worker_lost).
 FINISH_RETRY_SECONDS = 60.0
-
-
-class Pipeline(Protocol):
-    def generate(self, prompt: str, **kwargs: Any) -> Any: ...
-    def caption(self, video: Any, **kwargs: Any) -> Any: ...
-    def joint(self, prompt: str, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ class Outcome:
 class JobRunner:
     def __init__(
         self,
-        pipeline: Pipeline,
+        pipeline: UniViGUPipeline,
         *,
         store: JobStore,
         files: ResultFiles,
@@ -122,13 +119,15 @@ class JobRunner:
         params: dict[str, Any] = (
             PARAMS_BY_TYPE[record.type].model_validate(record.params).model_dump(exclude_none=True)
         )
-        hooks = {"progress": self._progress(record), "should_cancel": self._should_cancel(record.id)}
+        progress, should_cancel = self._progress(record), self._should_cancel(record.id)
         if record.type == JobType.generate:
-            return self._video_result(record, self.pipeline.generate(**params, **hooks), caption=None)
+            video = self.pipeline.generate(**params, progress=progress, should_cancel=should_cancel)
+            return self._video_result(record, video, caption=None)
         if record.type == JobType.joint:
-            output = self.pipeline.joint(**params, **hooks)
-            return self._video_result(record, output, caption=output.text)
-        output = self.pipeline.caption(str(self.files.upload(record.id)), **params, **hooks)
+            joint = self.pipeline.joint(**params, progress=progress, should_cancel=should_cancel)
+            return self._video_result(record, joint, caption=joint.text)
+        upload = self.files.upload(record.id)
+        output = self.pipeline.caption(upload, **params, progress=progress, should_cancel=should_cancel)
         self.files.write_json(
             record.id, self._payload(record, caption=output.text, tokens=list(output.tokens))
         )

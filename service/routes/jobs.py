@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
@@ -17,6 +17,10 @@ router = APIRouter(tags=["jobs"])
 
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The job id from the 202 answer.")]
 MAX_PAGE = 100
+VIDEO_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"video/mp4": {}}},
+    206: {"description": "Partial content (Range requests)."},
+}
 
 
 @router.get("/jobs", response_model=JobPage, responses=READ_ERRORS)
@@ -56,8 +60,7 @@ def _succeeded(record: JobRecord) -> None:
 @router.get(
     "/jobs/{job_id}/video",
     response_class=FileResponse,
-    responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "Partial content (Range)."}}
-    | READ_ERRORS,
+    responses={**VIDEO_RESPONSES, **READ_ERRORS},
 )
 def get_video(job_id: JobId, services: ServicesDep, _: ClientScope) -> FileResponse:
     """The MP4 of a generate or joint job; supports Range requests (seeking)."""
