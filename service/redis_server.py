@@ -63,7 +63,10 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C meant for `univigu up` must not stop Redis before the gateway and worker.
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         client = Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_seconds
         try:
