@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import UniViGUError
+from model.training.cli import register_training
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=Path("joint.mp4"), help="MP4 path; the text goes beside it as .json"
     )
     joint.set_defaults(handler=_run_joint)
+    register_training(subparsers)
 
 
 def _load(args: argparse.Namespace):  # -> UniViGUPipeline; torch is imported here

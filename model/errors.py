@@ -77,3 +77,9 @@ class StorageError(UniViGUError):
     """Writing a result failed (disk full, read-only volume)."""
 
     code = "storage_error"
+
+
+class ManifestError(UniViGUError, ValueError):
+    """A training manifest that cannot be used: unreadable, or without a single usable row."""
+
+    code = "invalid_manifest"
