@@ -1,0 +1,175 @@
+"""The captioning text update: our ``MixturePathTextSampler.step`` against the authors' naive solver step.
+
+Both take logits ``(B, L, V)`` and tokens ``(B, L)`` and sample the same distribution (spec §5): every
+position draws ``x1 ~ softmax(logits)`` and, when ``x1`` differs from its token, jumps to it with
+probability ``1 - exp(-h * kappa'(t) / (1 - kappa(t)))``. :func:`naive_mixture_step` does it the way the
+authors' solver does, with one-hot ``(B, L, V)`` float64 rate tensors; ours never builds them.
+
+Each update is timed interleaved with a captioning forward pass of our transformer (``--size``, with the
+vocabulary set to ``V``; clean video, ``L`` text tokens, logits only), so the table also gives the share
+of a captioning step (forward + update) spent in the update. The update is timed at a middle step
+(``--index``): the last step skips the jump and is cheaper for both.
+
+    python -m benchmarks.caption_sampler --device cpu --size small --repeats 5
+    python -m benchmarks.caption_sampler --device cuda --size real --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._timing import (
+    markdown_table,
+    median,
+    mib,
+    peak_memory,
+    time_interleaved,
+    write_json,
+)
+from benchmarks.transformer_step import DTYPES, SIZES
+from model.config import UMT5_VOCAB_SIZE
+from model.network import UniViGUTransformer
+from model.pipeline import _cast_transformer
+from model.samplers import MixturePathTextSampler
+
+
+def naive_mixture_step(
+    logits: torch.Tensor,
+    index: int,
+    steps: int,
+    tokens: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The authors' Euler step on the mixture path, ``kappa(t) = t``, ``t = index / steps``.
+
+    ``logits (B, L, V)``, ``tokens (B, L)`` -> ``(B, L)``. The rate towards every vocabulary entry is
+    ``kappa'/(1 - kappa) * (onehot(x1) - onehot(x_t))`` with the rate of staying set to 0; a position
+    jumps with probability ``1 - exp(-h * intensity)`` to a draw from its rates; the last step takes ``x1``.
+    """
+    batch, length, vocab = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, L, V)
+    x1 = torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, length)
+    if index == steps - 1:
+        return x1
+    t = torch.tensor(index / steps, dtype=torch.float64, device=logits.device)
+    kappa, d_kappa, h = t, torch.ones_like(t), 1.0 / steps
+    delta_1 = F.one_hot(x1, vocab).to(torch.float64)  # (B, L, V)
+    delta_t = F.one_hot(tokens, vocab)  # (B, L, V)
+    rate = d_kappa / (1 - kappa) * (delta_1 - delta_t)  # (B, L, V) float64
+    rate = torch.where(delta_t.bool(), torch.zeros_like(rate), rate)  # no rate for staying
+    intensity = rate.sum(dim=-1)  # (B, L)
+    jump = torch.rand(tokens.shape, generator=generator, device=tokens.device) < 1 - torch.exp(-h * intensity)
+    out = tokens.clone()
+    if jump.any():
+        out[jump] = torch.multinomial(rate[jump], 1, generator=generator).squeeze(-1)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Time and peak memory of both updates and of a captioning forward pass; a JSON-ready dict."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    size = SIZES[args.size]
+    config = dataclasses.replace(size.config, vocab_size=args.vocab)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        transformer = UniViGUTransformer(config)
+    transformer = _cast_transformer(transformer, device, dtype)
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    logits = 4 * torch.randn(args.batch, args.length, args.vocab, generator=generator, device=device)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.length), generator=generator, device=device)
+    latent = torch.randn(args.batch, config.in_channels, *size.latent, generator=generator, device=device)
+    cond = torch.zeros(args.batch, size.context_tokens, config.text_dim, device=device, dtype=dtype)
+    time_v = torch.zeros(args.batch, device=device)
+    time_t = torch.full((args.batch,), 500.0, device=device)
+    sampler = MixturePathTextSampler(args.steps)
+
+    fns = {
+        "naive": lambda: naive_mixture_step(logits, args.index, args.steps, tokens, generator),
+        "ours": lambda: sampler.step(logits, args.index, tokens, generator),
+        "forward": lambda: transformer(latent, tokens, time_v, time_t, cond, compute_velocity=False),
+    }
+    with torch.inference_mode():
+        samples = time_interleaved(fns, device, repeats=args.repeats, warmup=args.warmup)
+        peaks = {name: peak_memory(fn, device) for name, fn in fns.items()}
+    forward_s = median(samples["forward"])
+    rows = []
+    for name in ("naive", "ours"):
+        update_s = median(samples[name])
+        rows.append(
+            {
+                "update": name,
+                "update_s": update_s,
+                "peak_bytes": peaks[name],
+                "peak_mib": mib(peaks[name]),
+                "forward_s": forward_s,
+                "share_of_step": update_s / (update_s + forward_s),
+                "samples_s": samples[name],
+            }
+        )
+    return {
+        "benchmark": "caption_sampler",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "size": args.size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": args.batch,
+        "length": args.length,
+        "vocab": args.vocab,
+        "steps": args.steps,
+        "index": args.index,
+        "repeats": args.repeats,
+        "forward_samples_s": samples["forward"],
+        "forward_peak_bytes": peaks["forward"],
+        "logits_bytes": logits.numel() * logits.element_size(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+TABLE = {
+    "update": "text update",
+    "update_s": "s/update",
+    "peak_mib": "peak extra MiB",
+    "forward_s": "captioning forward s",
+    "share_of_step": "update / (forward + update)",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="transformer of the forward pass")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="of the transformer; default as in serving")
+    p.add_argument("--length", type=int, default=256, help="L, caption tokens")
+    p.add_argument("--vocab", type=int, default=UMT5_VOCAB_SIZE, help="V")
+    p.add_argument("--batch", type=int, default=1, help="B")
+    p.add_argument("--steps", type=int, default=50, help="N, captioning steps")
+    p.add_argument("--index", type=int, default=25, help="the step timed (0-based, not the last)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the full result here")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    result = run(args)
+    write_json(result, args.json)
+    print(
+        f"{result['device']} ({result['threads']} threads), B={result['batch']} L={result['length']} "
+        f"V={result['vocab']}, step {result['index']} of {result['steps']}, forward: size {result['size']} "
+        f"{result['dtype']}, {result['repeats']} rounds; logits {mib(result['logits_bytes']):.0f} MiB"
+    )
+    print(markdown_table(result["rows"], TABLE))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The benchmark scripts at their smallest sizes on the CPU: output structure, parity with diffusers,
+the FLOP formula, and the naive captioning reference against our sampler. No wall-clock assertions."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+
+from benchmarks import caption_sampler, end_to_end, transformer_step
+from model.samplers import MixturePathTextSampler
+
+
+def assert_number(value: object, *, positive: bool = False) -> None:
+    assert isinstance(value, float | int) and math.isfinite(value), value
+    assert value > 0 if positive else value >= 0, value
+
+
+def test_transformer_step_tiny_matches_diffusers() -> None:
+    args = transformer_step.parser().parse_args(
+        ["--size", "tiny", "--repeats", "2", "--warmup", "0", "--text-tokens", "0,8"]
+    )
+    result = transformer_step.run(args)
+
+    assert [row["text_tokens"] for row in result["rows"]] == [0, 8]
+    for row in result["rows"]:
+        for key in ("ours_s", "diffusers_s", "ratio", "ours_tflop", "ours_tflops", "diffusers_tflops"):
+            assert_number(row[key], positive=True)
+        assert len(row["ours_samples_s"]) == len(row["diffusers_samples_s"]) == 2
+        for key in ("ours_peak_bytes", "diffusers_peak_bytes"):
+            assert row[key] is None or isinstance(row[key], int)
+    empty, text = result["rows"]
+    assert empty["max_abs_diff"] < 1e-5
+    assert text["max_abs_diff"] is None
+    assert text["ours_tflop"] > empty["ours_tflop"] == pytest.approx(empty["diffusers_tflop"], rel=1e-2)
+
+
+def test_flop_formula_gives_283_tflop_for_wan_1_3b_at_480p_81_frames() -> None:
+    real = transformer_step.SIZES["real"]
+    assert real.latent == (21, 60, 104)
+    flops = transformer_step.forward_flops(real.config, real.latent, 0, 512, text_stream=False)
+    assert flops["total"] / 1e12 == pytest.approx(283, abs=3)
+    assert 0.6 < flops["attention"] / flops["total"] < 0.8
+
+
+@pytest.mark.parametrize("text_tokens", [0, 8])
+def test_flop_formula_matches_torch_flop_counter(text_tokens: int) -> None:
+    """Every matmul of both networks at the tiny size, counted by torch (attention through the math kernel)."""
+    size = transformer_step.SIZES["tiny"]
+    config = size.config
+    wan, ours = transformer_step.build_pair(size, torch.device("cpu"), torch.float32, "native", seed=0)
+    x_v = torch.randn(1, config.in_channels, *size.latent)
+    x_t = torch.randint(0, config.vocab_size, (1, text_tokens))
+    cond = torch.randn(1, size.context_tokens, config.text_dim)
+    time = torch.full((1,), 500.0)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counted_ours:
+            ours(x_v, x_t, time, time, cond, compute_logits=text_tokens > 0)
+        with FlopCounterMode(display=False) as counted_wan:
+            wan(x_v, time, cond, return_dict=False)
+    formula = transformer_step.forward_flops(config, size.latent, text_tokens, size.context_tokens)
+    assert counted_ours.get_total_flops() == formula["total"]
+    formula = transformer_step.forward_flops(config, size.latent, 0, size.context_tokens, text_stream=False)
+    assert counted_wan.get_total_flops() == formula["total"]
+
+
+def test_caption_sampler_tiny_output() -> None:
+    args = caption_sampler.parser().parse_args(
+        ["--size", "tiny", "--vocab", "512", "--length", "16", "--repeats", "2", "--warmup", "0"]
+    )
+    result = caption_sampler.run(args)
+
+    assert [row["update"] for row in result["rows"]] == ["naive", "ours"]
+    for row in result["rows"]:
+        assert_number(row["update_s"], positive=True)
+        assert_number(row["forward_s"], positive=True)
+        assert 0 < row["share_of_step"] < 1
+        assert row["peak_bytes"] is None or isinstance(row["peak_bytes"], int)
+
+
+def _z(count_a: int, count_b: int, n: int) -> float:
+    """Two-sample z score of two binomial counts out of ``n`` each."""
+    p = (count_a + count_b) / (2 * n)
+    return abs(count_a - count_b) / math.sqrt(max(2 * n * p * (1 - p), 1e-12))
+
+
+@pytest.mark.parametrize("index", [3, 9])  # a jump step and the last step of 10
+def test_naive_reference_and_our_sampler_agree_statistically(index: int) -> None:
+    """V=7, L=20000: the share of positions that move, the histogram of new tokens and the theory."""
+    steps, length, vocab = 10, 20000, 7
+    generator = torch.Generator().manual_seed(1)
+    logits = 2 * torch.randn(1, 1, vocab, generator=generator).expand(1, length, vocab)  # one law everywhere
+    tokens = torch.randint(0, vocab, (1, length), generator=generator)
+    naive = caption_sampler.naive_mixture_step(logits, index, steps, tokens, torch.Generator().manual_seed(2))
+    ours = MixturePathTextSampler(steps).step(logits, index, tokens, torch.Generator().manual_seed(3))
+
+    moved_naive, moved_ours = int((naive != tokens).sum()), int((ours != tokens).sum())
+    assert _z(moved_naive, moved_ours, length) < 4
+    probs = torch.softmax(logits[0, 0].double(), dim=-1)
+    jump = MixturePathTextSampler(steps).jump_probability(index)
+    expected = jump * float((1 - probs[tokens[0]]).mean())  # P(x1 != x_t) times the jump probability
+    sigma = math.sqrt(length * expected * (1 - expected))
+    assert abs(moved_naive - length * expected) < 4 * sigma
+    assert abs(moved_ours - length * expected) < 4 * sigma
+    for value in range(vocab):
+        assert _z(int((naive == value).sum()), int((ours == value).sum()), length) < 4
+
+
+def test_end_to_end_tiny_times_every_stage() -> None:
+    args = end_to_end.parser().parse_args(
+        [
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--frames",
+            "5",
+        ]
+    )
+    result = end_to_end.run(args)
+
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert list(rows) == ["generate", "caption", "joint"]
+    expected = {
+        "generate": {"text_encoding_s", "denoising_loop_s", "transformer_s", "vae_decode_s", "mp4_write_s"},
+        "caption": {"vae_encode_s", "denoising_loop_s", "transformer_s"},
+        "joint": {"text_encoding_s", "denoising_loop_s", "transformer_s", "vae_decode_s", "mp4_write_s"},
+    }
+    for mode, row in rows.items():
+        measured = {key for key, value in row.items() if key.endswith("_s") and value is not None}
+        assert measured == expected[mode] | {"other_s", "total_call_s"}, mode
+        for key in measured:
+            assert_number(row[key])  # "other" is the call minus disjoint stages inside it: never negative
