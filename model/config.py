@@ -200,6 +200,34 @@ PRESETS: dict[str, Preset] = {
         vae=VAEConfig(),
         description="CPU-sized, randomly initialised; a whole job takes seconds. For tests and trying the API.",
     ),
+    "toy": Preset(
+        name="toy",
+        transformer=UniViGUConfig(
+            num_attention_heads=3,
+            attention_head_dim=64,
+            num_layers=4,
+            ffn_dim=512,
+            in_channels=8,
+            out_channels=8,
+            text_dim=32,
+            vocab_size=0,  # set from the built-in word tokenizer when the preset is built
+        ),
+        defaults=SamplingDefaults(
+            height=64,
+            width=64,
+            num_frames=17,
+            fps=8,
+            steps=20,
+            guidance_scale=3.0,
+            caption_tokens=32,
+            max_caption_tokens=32,
+            max_prompt_tokens=16,
+            context_tokens=16,
+        ),
+        text_encoder=TextEncoderConfig(),
+        vae=VAEConfig(z_dim=8),
+        description="The toy-world size (hidden 192, 4 layers, 8 latent channels): what `univigu toyworld train` trains.",
+    ),
 }
 
 

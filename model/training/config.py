@@ -169,7 +169,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        return _build(cls, values, "")
+        return config_from_dict(cls, values, "")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
@@ -186,7 +186,7 @@ def _check(ok: bool, name: str, rule: str) -> None:
         raise InvalidParameterError(f"training config: {name} {rule}", param=name)
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def config_from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """A (nested) config dataclass from plain values; unknown keys are refused with the known ones."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -198,8 +198,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         default = fields[name].default_factory() if callable(fields[name].default_factory) else None
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[name] = config_from_dict(type(default), value, f"{prefix}{name}.")
         else:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)

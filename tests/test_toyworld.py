@@ -1,0 +1,144 @@
+"""The toy world: rendered ground truth, prompts and captions, the detector, the parser, the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from model.media import read_video
+from model.text import build_tiny_tokenizer
+from model.toyworld.describe import Attributes, parse_description
+from model.toyworld.detector import detect
+from model.toyworld.make import make_dataset, scenes
+from model.toyworld.recipe import TOY_DATA, RecipeConfig
+from model.toyworld.world import (
+    COLOURS,
+    FRAMES,
+    HELD_OUT,
+    MOTIONS,
+    SHAPES,
+    SIDE,
+    Scene,
+    caption_of,
+    pairs,
+    prompt_of,
+    random_scene,
+    render,
+)
+from model.training.data import read_manifest
+
+ALL_COMBOS = [(pair, motion) for pair in itertools.product(COLOURS, SHAPES) for motion in MOTIONS]
+
+
+def _every_kind(seed: int) -> list[Scene]:
+    rng = random.Random(seed)
+    return [random_scene(rng, pair, motion) for pair, motion in ALL_COMBOS]
+
+
+def test_render_draws_one_flat_object_fully_inside_a_black_frame():
+    for scene in _every_kind(0):
+        frames = render(scene)
+        assert frames.shape == (FRAMES, SIDE, SIDE, 3) and frames.dtype == np.uint8
+        mask = frames.max(-1) > 0
+        assert (frames[~mask] == 0).all() and (frames[mask] == COLOURS[scene.colour]).all()
+        areas = mask.sum((1, 2))
+        assert len(set(areas.tolist())) == 1, "the object never leaves the frame, even partly"
+        assert areas[0] >= 0.4 * scene.size**2
+        _, xs = np.nonzero(mask[0])
+        assert abs((xs.max() - xs.min() + 1) - scene.size) <= 1
+        centroid = [np.argwhere(mask[i]).mean(0) for i in (0, FRAMES - 1)]
+        dy, dx = centroid[1] - centroid[0]
+        expected = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0), "still": (0, 0)}
+        ey, ex = expected[scene.motion]
+        assert (dy, dx) == pytest.approx((ey * scene.speed * 16, ex * scene.speed * 16), abs=1e-6)
+
+
+def test_sizes_and_speeds_stay_in_their_ranges():
+    drawn = [s for seed in range(3) for s in _every_kind(seed)]
+    assert {s.size for s in drawn} <= set(range(12, 21))
+    assert {s.speed for s in drawn if s.motion != "still"} == {1, 2}
+    assert {s.speed for s in drawn if s.motion == "still"} == {0}
+
+
+def test_held_out_pairs_never_reach_the_training_split():
+    assert (
+        set(pairs(held_out=True))
+        == set(HELD_OUT)
+        == {
+            ("purple", "triangle"),
+            ("yellow", "circle"),
+            ("white", "square"),
+        }
+    )
+    train = scenes(300, held_out=False, seed=1)
+    assert not {s.pair for s in train} & HELD_OUT
+    counts = Counter((s.pair, s.motion) for s in train)
+    assert len(counts) == 15 * 5 and max(counts.values()) - min(counts.values()) <= 1
+    assert {s.pair for s in scenes(30, held_out=True, seed=1)} == set(HELD_OUT)
+
+
+def test_prompts_and_captions_fit_the_toy_token_limits():
+    tokenizer = build_tiny_tokenizer()
+    for scene in _every_kind(2):
+        prompt, caption = prompt_of(scene), caption_of(scene)
+        prompt_ids, caption_ids = tokenizer(prompt).input_ids, tokenizer(caption).input_ids
+        assert tokenizer.unk_token_id not in prompt_ids + caption_ids
+        assert TOY_DATA.min_prompt_tokens <= len(prompt_ids) <= TOY_DATA.max_prompt_tokens
+        assert TOY_DATA.min_caption_tokens <= len(caption_ids) <= TOY_DATA.max_caption_tokens
+        assert str(scene.size) in caption.split() and "black background" in caption
+    still = Scene("circle", "red", "still", 14, 0, 30.0, 30.0)
+    assert prompt_of(still) == "a red circle staying still"
+    assert prompt_of(dataclasses.replace(still, motion="left", speed=1)) == "a red circle moving left"
+
+
+def test_parser_reads_prompts_and_captions_back():
+    for scene in _every_kind(3):
+        truth = Attributes.of(scene)
+        assert parse_description(prompt_of(scene)) == truth
+        assert parse_description(caption_of(scene)) == truth
+    mixed = "a blue square 12 pixels wide starts near the top left of the frame and moves down at 1"
+    assert parse_description(mixed) == Attributes("square", "blue", "down")
+    assert parse_description("the the of frame") == Attributes(None, None, None)
+    assert Attributes("square", None, "up").matches(Attributes("square", None, "up")) == {
+        "shape": True,
+        "colour": False,
+        "motion": True,
+        "all": False,
+    }
+
+
+def test_detector_reads_every_rendered_clip():
+    for scene in _every_kind(4) + _every_kind(5):
+        assert detect(render(scene)) == Attributes.of(scene), scene
+    assert detect(np.zeros((FRAMES, SIDE, SIDE, 3), np.uint8)) == Attributes(None, None, None)
+
+
+def test_detector_reads_clips_after_an_mp4_round_trip(tmp_path):
+    manifest = make_dataset(12, tmp_path, seed=6)
+    rows, rejections = read_manifest(manifest)
+    assert len(rows) == 12 and not rejections
+    for row, line in zip(rows, manifest.read_text().splitlines(), strict=True):
+        frames = read_video(row.video, height=SIDE, width=SIDE, fps=8, max_frames=FRAMES)
+        truth = Scene(**json.loads(line)["scene"])
+        assert frames.shape[0] == FRAMES
+        assert detect(frames) == Attributes.of(truth)
+        assert row.prompt == prompt_of(truth) and row.caption == caption_of(truth)
+
+
+def test_recipe_config_overrides_single_fields(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text("train_clips = 40\n[vae]\nsteps = 7\n[refine]\nsteps = 9\n[refine.optim]\nlr = 0.01\n")
+    config = RecipeConfig.from_toml(path)
+    defaults = RecipeConfig()
+    assert (config.train_clips, config.vae.steps, config.refine.steps) == (40, 7, 9)
+    assert (
+        config.refine.optim.lr == 0.01
+        and config.refine.optim.warmup_steps == defaults.refine.optim.warmup_steps
+    )
+    assert config.refine.data == TOY_DATA and config.recall == defaults.recall
