@@ -178,7 +178,14 @@ class JobStore:
                     break
                 except WatchError:
                     continue
-        return Submission(self.get(job_id), created=True)
+        record = JobRecord(
+            id=job_id,
+            type=job_type,
+            status=JobStatus.queued,
+            created_at=datetime.fromtimestamp(now, UTC),
+            params=params,
+        )
+        return Submission(record, created=True)
 
     def _replay(self, claim: dict[str, str], idempotency: Idempotency) -> JobRecord:
         if claim["fingerprint"] != idempotency.fingerprint:
@@ -189,6 +196,17 @@ class JobStore:
 
     def find(self, job_id: str) -> JobRecord | None:
         return self._parse(cast(dict[bytes, bytes], self.redis.hgetall(self._job_key(job_id))))
+
+    def get_with_position(self, job_id: str, queue_key: str) -> tuple[JobRecord, int | None]:
+        """The record and, in the same round trip, its index in the list ``queue_key`` (None if absent)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._job_key(job_id))
+            pipe.lpos(queue_key, job_id)
+            raw, position = pipe.execute()
+        record = self._parse(raw)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record, position if record.status == JobStatus.queued else None
 
     def get(self, job_id: str) -> JobRecord:
         record = self.find(job_id)

@@ -34,6 +34,11 @@ class JobQueue:
     def name(self) -> str:
         return self.rq.name
 
+    @property
+    def key(self) -> str:
+        """The Redis list holding the queued job ids (rq pops from its head)."""
+        return self.rq.key
+
     def depth(self) -> int:
         return self.rq.count
 

@@ -58,7 +58,7 @@ class RedisServer:
             "--port", str(self.port),
             "--dir", str(self.directory),
             "--appendonly", "yes",
-            "--appendfsync", "always",
+            "--appendfsync", "everysec",
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),

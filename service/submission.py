@@ -56,6 +56,12 @@ def job_view(services: Services, record: JobRecord) -> Job:
     return Job.from_record(record, queue_position=position)
 
 
+def read_job(services: Services, job_id: str) -> Job:
+    """One job with its queue position, in one Redis round trip (the hot path of polling clients)."""
+    record, position = services.store.get_with_position(job_id, services.queue.key)
+    return Job.from_record(record, queue_position=position)
+
+
 def accepted(services: Services, submission: Submission, response: Response) -> Job:
     """The 202 body and headers of a submission (``Idempotent-Replayed`` on a replay)."""
     response.headers["Location"] = f"/jobs/{submission.record.id}"

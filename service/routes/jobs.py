@@ -11,7 +11,7 @@ from service.dependencies import ClientScope, ServicesDep
 from service.errors import ApiError
 from service.routes._responses import READ_ERRORS
 from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType
-from service.submission import cancel, job_view
+from service.submission import cancel, job_view, read_job
 
 router = APIRouter(tags=["jobs"])
 
@@ -42,7 +42,7 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=READ_ERRORS)
 def get_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
-    return job_view(services, services.store.get(job_id))
+    return read_job(services, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, responses=READ_ERRORS)
