@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from model.media import read_video
+from model.pipeline import UniViGUPipeline
 from model.text import build_tiny_tokenizer
 from model.toyworld.describe import Attributes, parse_description
 from model.toyworld.detector import detect
+from model.toyworld.evaluate import evaluate_model
 from model.toyworld.make import make_dataset, scenes
 from model.toyworld.recipe import TOY_DATA, RecipeConfig
 from model.toyworld.world import (
@@ -142,3 +144,17 @@ def test_recipe_config_overrides_single_fields(tmp_path):
         and config.refine.optim.warmup_steps == defaults.refine.optim.warmup_steps
     )
     assert config.refine.data == TOY_DATA and config.recall == defaults.recall
+
+
+def test_eval_report_scores_every_mode_and_split(tmp_path):
+    pipe = UniViGUPipeline.from_preset("tiny", seed=0)
+    pipe.defaults = dataclasses.replace(pipe.defaults, height=32, width=32, num_frames=5, steps=2)
+    report = evaluate_model(pipe.save_pretrained(tmp_path / "model"), n=1, seed=3)
+    assert report["clips_per_split"] == 1 and report["sampling"]["steps"] == 2
+    for split in ("seen", "held_out"):
+        modes = report[split]
+        assert set(modes) == {"captioning", "text_to_video", "joint_agreement", "joint_video_adherence"}
+        for rates in modes.values():
+            assert set(rates) == {"shape", "colour", "motion", "all"}
+            assert all(0.0 <= rate <= 1.0 for rate in rates.values())
+            assert rates["all"] <= min(rates["shape"], rates["colour"], rates["motion"])

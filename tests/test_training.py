@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,17 @@ from model.toyworld.make import make_dataset
 from model.training.batch import build_batch
 from model.training.config import DataConfig, ObjectiveConfig, OptimConfig, TrainConfig
 from model.training.data import LatentCache, VideoGeometry, prepare_dataset
-from model.training.objective import flow_matching_losses
-from model.training.trainer import TrainRequest, learning_rate, train
+from model.training.objective import (
+    CLEAN_TEXT,
+    CLEAN_VIDEO,
+    draw_example,
+    example_generator,
+    flow_matching_losses,
+    shifted_sigma,
+    text_path,
+    video_path,
+)
+from model.training.trainer import TrainRequest, learning_rate, select_trainable, train
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_LIMITS = DataConfig(max_prompt_tokens=8, min_caption_tokens=24, max_caption_tokens=32)
@@ -248,3 +258,46 @@ def test_latents_are_cached_once(manifest, cache):
     path = latent_cache.ensure(video)
     stamp = path.stat().st_mtime_ns
     assert latent_cache.ensure(video) == path and path.stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- objective pieces
+
+
+def test_paths_interpolate_between_data_and_noise():
+    x0, noise = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)
+    x_sigma, target = video_path(x0, noise, torch.tensor([0.0, 1.0]))
+    assert torch.equal(x_sigma[0], x0[0]) and torch.equal(x_sigma[1], noise[1])
+    assert torch.equal(target, noise - x0)
+    clean, random_ids = torch.arange(8).repeat(2, 1), torch.full((2, 8), 99)
+    keep = torch.linspace(0.05, 0.95, 8).repeat(2, 1)
+    mixed = text_path(clean, random_ids, keep, torch.tensor([1.0, 0.5]))
+    assert torch.equal(mixed[0], clean[0])
+    assert mixed[1].tolist() == [0, 1, 2, 3, 99, 99, 99, 99]
+    assert shifted_sigma(torch.tensor([0.0, 0.5, 1.0]), 3.0).tolist() == pytest.approx([0.0, 0.75, 1.0])
+
+
+def test_example_kinds_and_condition_drops_follow_the_config():
+    objective = ObjectiveConfig(clean_video_fraction=0.2, clean_text_fraction=0.3, uncond_prob=0.5)
+    draws = [
+        draw_example(example_generator(0, p), (1, 1, 1, 1), 4, 10, objective, "recall") for p in range(3000)
+    ]
+    kinds = Counter(d.kind for d in draws)
+    assert kinds[CLEAN_VIDEO] / 3000 == pytest.approx(0.2, abs=0.03)
+    assert kinds[CLEAN_TEXT] / 3000 == pytest.approx(0.3, abs=0.03)
+    assert all(d.sigma == 0 for d in draws if d.kind == CLEAN_VIDEO)
+    assert all(d.text_t == 1 and not d.drop_prompt for d in draws if d.kind == CLEAN_TEXT)
+    noisy_text = [d for d in draws if d.kind != CLEAN_TEXT]
+    assert sum(d.drop_prompt for d in noisy_text) / len(noisy_text) == pytest.approx(0.5, abs=0.04)
+    assert not any(d.uncond for d in noisy_text)
+    again = draw_example(example_generator(0, 17), (1, 1, 1, 1), 4, 10, objective, "recall")
+    assert torch.equal(again.video_noise, draws[17].video_noise) and again.sigma == draws[17].sigma
+
+
+def test_text_only_training_selects_the_text_branch():
+    pipe = UniViGUPipeline.from_preset("tiny", seed=0)
+    names = select_trainable(pipe.transformer, "text")
+    assert {"vocab_embed.weight", "text_head.linear.weight", "scale_shift_table_t"} <= set(names)
+    assert "blocks.0.ffn_t.net.2.weight" in names and "time_embedding_t.time_proj.weight" in names
+    frozen = {n for n, p in pipe.transformer.named_parameters() if not p.requires_grad}
+    assert {"patch_embedding.weight", "blocks.0.attn1.to_q.weight", "blocks.0.ffn.net.2.weight"} <= frozen
+    assert not frozen & set(names)
