@@ -2,7 +2,10 @@
 
 Timings are taken interleaved (A, B, B, A, A, B, ...) so that load from other processes on a shared
 machine hits every contender alike; scripts report medians and the median of per-round ratios.
-On CUDA a call is timed with CUDA events; on the CPU with ``time.perf_counter``.
+Every call records its wall time (CUDA events on CUDA, ``time.perf_counter`` on the CPU) and the CPU
+time of this process (``time.process_time``). On a busy shared CPU the CPU time of a single-threaded
+run (``OMP_NUM_THREADS=1``) does not count the time the process waited for a core, so its ratios are
+far steadier than wall-clock ones.
 
 Peak memory of one call is the extra memory it needs beyond what was allocated before it:
 ``torch.cuda.max_memory_allocated`` on CUDA; on Linux CPUs the growth of the resident set's high-water
@@ -33,34 +36,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds taken by one call of ``fn``, all its device work included."""
+def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of one call of ``fn``, all its device work included."""
+    cpu_start = time.process_time()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000.0
+        return start.elapsed_time(end) / 1000.0, time.process_time() - cpu_start
     begin = time.perf_counter()
     fn()
-    return time.perf_counter() - begin
+    return time.perf_counter() - begin, time.process_time() - cpu_start
 
 
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], device: torch.device, *, repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """``{name: [seconds per round]}``: after ``warmup`` untimed calls each, ``repeats`` rounds in which
-    every function runs once, the order reversed every other round."""
+) -> dict[str, dict[str, list[float]]]:
+    """``{name: {"wall": [s per round], "cpu": [s per round]}}``: after ``warmup`` untimed calls each,
+    ``repeats`` rounds in which every function runs once, the order reversed every other round."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
-            samples[name].append(time_call(fns[name], device))
+            wall, cpu = time_call(fns[name], device)
+            samples[name]["wall"].append(wall)
+            samples[name]["cpu"].append(cpu)
     return samples
 
 

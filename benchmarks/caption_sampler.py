@@ -98,10 +98,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         samples = time_interleaved(fns, device, repeats=args.repeats, warmup=args.warmup)
         peaks = {name: peak_memory(fn, device) for name, fn in fns.items()}
-    forward_s = median(samples["forward"])
+    forward_s = median(samples["forward"]["wall"])
     rows = []
     for name in ("naive", "ours"):
-        update_s = median(samples[name])
+        update_s = median(samples[name]["wall"])
         rows.append(
             {
                 "update": name,
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "peak_mib": mib(peaks[name]),
                 "forward_s": forward_s,
                 "share_of_step": update_s / (update_s + forward_s),
-                "samples_s": samples[name],
+                "samples": samples[name],
             }
         )
     return {
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "index": args.index,
         "repeats": args.repeats,
-        "forward_samples_s": samples["forward"],
+        "forward_samples": samples["forward"],
         "forward_peak_bytes": peaks["forward"],
         "logits_bytes": logits.numel() * logits.element_size(),
         "torch": torch.__version__,

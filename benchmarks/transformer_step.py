@@ -3,10 +3,12 @@
 Both networks hold the same random weights (ours is built from the Wan state dict by
 ``wan_to_univigu``), see the same video latent ``(B, 16, f, h, w)``, time and umT5 condition
 ``(B, Lc, text_dim)``, run in the same dtype with the same attention backend, and are timed
-interleaved. Each is cast as it is served: diffusers as ``from_pretrained(torch_dtype=...)`` does
-(its ``_keep_in_fp32_modules`` stay float32), ours by the pipeline's own cast. Ours runs once per ``--text-tokens`` value ``L``: with ``L = 0`` it does exactly diffusers'
-work (the velocities must agree); with ``L > 0`` it also carries ``L`` text tokens through every block
-and computes both heads (a joint-mode pass), so its ratio to diffusers is the price of the text stream.
+interleaved (wall time, and on the CPU also process CPU time: see ``benchmarks/_timing.py``). Each is
+cast as it is served: diffusers as ``from_pretrained(torch_dtype=...)`` does (its
+``_keep_in_fp32_modules`` stay float32), ours by the pipeline's own cast. Ours runs once per
+``--text-tokens`` value ``L``: with ``L = 0`` it does exactly diffusers' work (the velocities must
+agree); with ``L > 0`` it also carries ``L`` text tokens through every block and computes both heads
+(a joint-mode pass), so its ratio to diffusers is the price of the text stream.
 
 FLOP count (``forward_flops``), ``2 * m * n * k`` per matmul, elementwise work (norms, rotary, GELU,
 softmax) not counted; ``S = Nv + L`` tokens, ``Nv = f*h*w / (pt*ph*pw)``, ``D`` hidden, ``F`` FFN width,
@@ -78,11 +80,11 @@ SIZES = {
     ),
     "small": BenchSize(
         UniViGUConfig(
-            num_attention_heads=8,
+            num_attention_heads=4,
             attention_head_dim=64,
-            num_layers=4,
-            ffn_dim=2048,
-            text_dim=512,
+            num_layers=2,
+            ffn_dim=1024,
+            text_dim=256,
             vocab_size=4096,
         ),
         latent=(3, 30, 52),
@@ -201,14 +203,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 repeats=args.repeats,
                 warmup=args.warmup,
             )
+            ours_times, wan_times = samples["ours"], samples["diffusers"]
             our_flops = forward_flops(config, size.latent, length, size.context_tokens, batch=args.batch)
-            ours_s, diffusers_s = median(samples["ours"]), median(samples["diffusers"])
+            ours_s, diffusers_s = median(ours_times["wall"]), median(wan_times["wall"])
             rows.append(
                 {
                     "text_tokens": length,
                     "ours_s": ours_s,
                     "diffusers_s": diffusers_s,
-                    "ratio": paired_ratio(samples["ours"], samples["diffusers"]),
+                    "ratio": paired_ratio(ours_times["wall"], wan_times["wall"]),
+                    "cpu_time_ratio": (
+                        paired_ratio(ours_times["cpu"], wan_times["cpu"]) if device.type == "cpu" else None
+                    ),
                     "flop_ratio": our_flops["total"] / diffusers_flops["total"],
                     "ours_tflop": our_flops["total"] / 1e12,
                     "diffusers_tflop": diffusers_flops["total"] / 1e12,
@@ -217,8 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "ours_peak_bytes": peak_memory(our_step, device),
                     "diffusers_peak_bytes": peak_memory(diffusers_step, device),
                     "max_abs_diff": difference,
-                    "ours_samples_s": samples["ours"],
-                    "diffusers_samples_s": samples["diffusers"],
+                    "ours_samples": ours_times,
+                    "diffusers_samples": wan_times,
                 }
             )
     for row in rows:
@@ -252,7 +258,8 @@ TABLE = {
     "text_tokens": "text tokens",
     "ours_s": "ours s/step",
     "diffusers_s": "diffusers s/step",
-    "ratio": "ours/diffusers (time)",
+    "ratio": "ours/diffusers (wall)",
+    "cpu_time_ratio": "ours/diffusers (CPU time)",
     "flop_ratio": "ours/diffusers (FLOP)",
     "ours_tflop": "ours TFLOP",
     "ours_tflops": "ours TFLOP/s",
