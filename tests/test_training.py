@@ -72,8 +72,10 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(3, tmp_path_factory.mktemp("toy"), seed=0)
 
 
-def _run(stage: str, manifest: Path, init: Path, out: Path, **options) -> list[float]:
-    request = TrainRequest(stage, manifest, str(init), out, CONFIG, progress=False, **options)
+def _run(
+    stage: str, manifest: Path, init: Path, out: Path, config: TrainConfig = CONFIG, **options
+) -> list[float]:
+    request = TrainRequest(stage, manifest, str(init), out, config, progress=False, **options)
     return train(request).losses
 
 
@@ -120,7 +122,8 @@ def test_recall_lowers_the_loss_on_a_fixed_batch(recall_run, manifest, init_fold
 
 
 def test_refine_lowers_the_loss_on_a_fixed_batch(tmp_path, manifest, init_folder):
-    _run("refine", manifest, init_folder, tmp_path)
+    checkpointed = dataclasses.replace(CONFIG, gradient_checkpointing=True)
+    _run("refine", manifest, init_folder, tmp_path, checkpointed)
     before = _fixed_batch_loss(init_folder, "refine", manifest)
     after = _fixed_batch_loss(tmp_path / "final", "refine", manifest)
     assert after < 0.95 * before

@@ -30,7 +30,7 @@ from model.errors import CheckpointError, InvalidParameterError
 from model.network import UniViGUTransformer
 from model.pipeline import PIPELINE_FILE, UniViGUPipeline
 from model.training import distributed
-from model.training.batch import build_batch
+from model.training.batch import TrainBatch, build_batch
 from model.training.checkpoints import (
     MODEL_DIR,
     TrainerState,
@@ -43,7 +43,7 @@ from model.training.checkpoints import (
 from model.training.config import OptimConfig, Stage, TrainConfig
 from model.training.data import LatentCache, PreparedData, VideoGeometry, prepare_dataset
 from model.training.distributed import DistContext
-from model.training.objective import flow_matching_losses
+from model.training.objective import LossTerms, flow_matching_losses
 from model.training.stream import ExampleStream, micro_batch_positions
 
 logger = logging.getLogger(__name__)
@@ -257,13 +257,7 @@ def train(request: TrainRequest) -> TrainResult:
                     vocab_size=model.config.vocab_size,
                     device=context.device,
                 )
-                with _autocast(context.device, config.bf16):
-                    velocity, logits = model(
-                        batch.x_v, batch.x_t, batch.time_v, batch.time_t, batch.cond, batch.text_mask
-                    )
-                loss_terms = flow_matching_losses(
-                    velocity, logits, batch.video_target, batch.text_target, batch.video_on, batch.text_on
-                )
+                loss_terms = _losses(model, batch, context.device, config.bf16)
                 total_loss = loss_terms.total(config.objective)
                 (total_loss / config.grad_accum).backward()
                 terms += (
@@ -318,10 +312,18 @@ def _micro_batches(step: int, config: TrainConfig, context: DistContext) -> Iter
         )
 
 
-def _autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def _losses(model: UniViGUTransformer, batch: TrainBatch, device: torch.device, bf16: bool) -> LossTerms:
+    """One forward pass (bfloat16 autocast on CUDA when ``bf16``) and its loss terms."""
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
+    )
+    with autocast:
+        velocity, logits = model(
+            batch.x_v, batch.x_t, batch.time_v, batch.time_t, batch.cond, batch.text_mask
+        )
+    return flow_matching_losses(
+        velocity, logits, batch.video_target, batch.text_target, batch.video_on, batch.text_on
+    )
 
 
 def _checkpoint(
