@@ -208,6 +208,7 @@ class UniViGUPipeline:
         *,
         checkpoint: str | Path | None = None,
         null_prompt: str | Path | None = None,
+        preset: str = "wan2.1-1.3b",
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         seed: int = 0,
@@ -216,6 +217,7 @@ class UniViGUPipeline:
 
         Without ``checkpoint`` the transformer is a fresh Uni-ViGU initialised from Wan (spec §7), the
         starting point of training. ``null_prompt`` is an optional ``(1, 512, 4096)`` tensor file.
+        ``preset`` names the sampling defaults (sizes, steps, text lengths) of the model in the folder.
         """
         wan_dir = Path(wan_dir)
         wan_config, wan_state = read_wan_transformer(wan_dir / "transformer")
@@ -233,9 +235,8 @@ class UniViGUPipeline:
             state = wan_to_univigu(wan_state, config, torch.Generator().manual_seed(seed))
         del wan_state
         transformer = build_transformer(config, state, source)
-        pipe = cls._with_wan_components(
-            transformer, wan_dir, get_preset("wan2.1-1.3b").defaults, device, dtype
-        )
+        defaults = get_preset(preset).defaults
+        pipe = cls._with_wan_components(transformer, wan_dir, defaults, device, dtype, preset)
         if null_prompt is not None:
             pipe.text.set_null_condition(_read_tensor(Path(null_prompt)), str(null_prompt))
         return pipe

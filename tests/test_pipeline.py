@@ -1,0 +1,293 @@
+"""The three modes end to end on the tiny preset, loading paths, bad inputs, and the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from model.checkpoint import save_transformer
+from model.errors import (
+    Canceled,
+    CheckpointError,
+    InvalidParameterError,
+    InvalidVideoError,
+    PromptTooLongError,
+)
+from model.media import probe_video, write_mp4
+from model.pipeline import UniViGUPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle moving left"
+
+
+@pytest.fixture(scope="module")
+def pipe() -> UniViGUPipeline:
+    return UniViGUPipeline.from_preset("tiny")
+
+
+def decoded_frame_count(path: Path) -> int:
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    return frames
+
+
+def test_generate_writes_a_playable_mp4_of_the_requested_shape(pipe, tmp_path: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    result = pipe.generate(
+        PROMPT, height=32, width=48, num_frames=9, steps=3, seed=1, progress=lambda s, n: seen.append((s, n))
+    )
+    assert result.frames.shape == (9, 32, 48, 3) and result.frames.dtype == np.uint8
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    path = write_mp4(result.frames, tmp_path / "out.mp4", fps=result.fps)
+    info = probe_video(path)
+    assert (info.width, info.height) == (48, 32)
+    assert decoded_frame_count(path) == 9
+
+
+def test_defaults_come_from_the_preset(pipe) -> None:
+    result = pipe.generate(PROMPT, steps=2, seed=0)
+    d = pipe.defaults
+    assert result.frames.shape == (d.num_frames, d.height, d.width, 3)
+    assert result.fps == d.fps
+
+
+def test_same_seed_same_video_other_seed_other_video(pipe) -> None:
+    first = pipe.generate(PROMPT, steps=2, seed=5)
+    again = pipe.generate(PROMPT, steps=2, seed=5)
+    other = pipe.generate(PROMPT, steps=2, seed=6)
+    assert np.array_equal(first.frames, again.frames)
+    assert not np.array_equal(first.frames, other.frames)
+
+
+def test_a_drawn_seed_is_reported_and_reproduces(pipe) -> None:
+    drawn = pipe.caption(np.zeros((5, 32, 32, 3), np.uint8), steps=2)
+    again = pipe.caption(np.zeros((5, 32, 32, 3), np.uint8), steps=2, seed=drawn.seed)
+    assert drawn.tokens == again.tokens
+
+
+def test_guidance_runs_one_batched_pass_of_two(pipe) -> None:
+    batches: list[int] = []
+    hook = pipe.transformer.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        pipe.generate(PROMPT, steps=2, seed=0, guidance_scale=4.0)
+        pipe.generate(PROMPT, steps=2, seed=0, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 1, 1]
+
+
+def test_negative_prompt_changes_the_video(pipe) -> None:
+    plain = pipe.generate(PROMPT, steps=2, seed=3)
+    negative = pipe.generate(PROMPT, steps=2, seed=3, negative_prompt="a blue square")
+    assert not np.array_equal(plain.frames, negative.frames)
+
+
+def test_caption_from_frames_and_from_a_file(pipe, tmp_path: Path) -> None:
+    frames = pipe.generate(PROMPT, steps=2, seed=1).frames
+    from_frames = pipe.caption(frames, steps=3, max_tokens=10, seed=2)
+    assert isinstance(from_frames.text, str) and from_frames.text
+    assert len(from_frames.tokens) == 10
+    path = write_mp4(frames, tmp_path / "clip.mp4", fps=pipe.defaults.fps)
+    from_file = pipe.caption(path, steps=3, seed=2, prompt="a red circle")
+    assert isinstance(from_file.text, str)
+    assert len(from_file.tokens) == pipe.defaults.caption_tokens
+
+
+def test_joint_gives_a_video_and_its_text(pipe) -> None:
+    steps: list[int] = []
+    result = pipe.joint(PROMPT, steps=3, seed=4, max_tokens=12, progress=lambda s, n: steps.append(s))
+    assert result.frames.shape == (pipe.defaults.num_frames, pipe.defaults.height, pipe.defaults.width, 3)
+    assert isinstance(result.text, str) and len(result.tokens) == 12
+    assert steps == [1, 2, 3]
+    assert result.tokens == pipe.joint(PROMPT, steps=3, seed=4, max_tokens=12).tokens
+
+
+@pytest.mark.parametrize("mode", ["generate", "caption", "joint"])
+def test_cancel_stops_between_steps(pipe, mode: str) -> None:
+    seen: list[int] = []
+    calls = {"n": 0}
+
+    def should_cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    run = {
+        "generate": lambda **kw: pipe.generate(PROMPT, **kw),
+        "caption": lambda **kw: pipe.caption(np.zeros((5, 32, 32, 3), np.uint8), **kw),
+        "joint": lambda **kw: pipe.joint(PROMPT, **kw),
+    }[mode]
+    with pytest.raises(Canceled):
+        run(steps=6, seed=0, progress=lambda s, n: seen.append(s), should_cancel=should_cancel)
+    assert seen == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "allowed"),
+    [
+        ({"height": 30}, "height", "multiple of 16"),
+        ({"width": 0}, "width", "multiple of 16"),
+        ({"num_frames": 16}, "num_frames", "form 4k\\+1"),
+        ({"num_frames": 1000}, "num_frames", "form 4k\\+1"),
+        ({"steps": 0}, "steps", "between 1 and 1000"),
+        ({"guidance_scale": -1.0}, "guidance_scale", "between 0.0 and"),
+        ({"fps": 0}, "fps", "between 1 and 120"),
+        ({"seed": -1}, "seed", "between 0 and"),
+    ],
+)
+def test_bad_video_options_are_refused_with_the_rule(pipe, kwargs, param, allowed) -> None:
+    with pytest.raises(InvalidParameterError, match=allowed) as info:
+        pipe.generate(PROMPT, **kwargs)
+    assert info.value.param == param
+
+
+def test_bad_text_options(pipe) -> None:
+    with pytest.raises(PromptTooLongError, match="at most 24 tokens") as info:
+        pipe.generate(" ".join(["red"] * 30))
+    assert info.value.param == "prompt"
+    with pytest.raises(InvalidParameterError, match="max_tokens must be between 1 and 48"):
+        pipe.joint(PROMPT, max_tokens=49)
+    with pytest.raises(PromptTooLongError) as info:
+        pipe.generate(PROMPT, negative_prompt=" ".join(["blue"] * 40))
+    assert info.value.param == "negative_prompt"
+
+
+def test_bad_videos(pipe, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(InvalidVideoError):
+        pipe.caption(junk)
+    with pytest.raises(InvalidParameterError, match="uint8"):
+        pipe.caption(np.zeros((5, 32, 32, 3), np.float32))
+    with pytest.raises(InvalidParameterError, match="4k\\+1"):
+        pipe.caption(np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_saved_folder_reloads_to_the_same_outputs(pipe, tmp_path: Path) -> None:
+    pipe.save_pretrained(tmp_path / "tiny")
+    again = UniViGUPipeline.from_pretrained(tmp_path / "tiny")
+    assert np.array_equal(
+        pipe.generate(PROMPT, steps=2, seed=9).frames, again.generate(PROMPT, steps=2, seed=9).frames
+    )
+    assert json.loads((tmp_path / "tiny" / "univigu.json").read_text())["preset"] == "tiny"
+
+
+def test_not_a_pipeline_folder(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="univigu.json is missing"):
+        UniViGUPipeline.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def wan_folder(pipe, tmp_path_factory) -> Path:
+    """A Wan2.1 diffusers folder at tiny size: transformer, VAE, umT5 encoder and tokenizer."""
+    folder = tmp_path_factory.mktemp("wan")
+    pipe.save_pretrained(folder)  # vae/, text_encoder/, tokenizer/
+    torch.manual_seed(0)
+    WanTransformer3DModel(**pipe.transformer.config.to_wan_config()).save_pretrained(folder / "transformer")
+    return folder
+
+
+def test_released_checkpoint_on_a_wan_folder_loads_strictly(pipe, wan_folder: Path, tmp_path: Path) -> None:
+    state = {f"_fsdp_wrapped_module.{k}": v for k, v in pipe.transformer.state_dict().items()}
+    torch.save({"model": state, "step": 7}, tmp_path / "univigu.pth")
+    loaded = UniViGUPipeline.from_wan(wan_folder, checkpoint=tmp_path / "univigu.pth", preset="tiny")
+    for key, value in pipe.transformer.state_dict().items():
+        assert torch.equal(loaded.transformer.state_dict()[key], value), key
+    assert np.array_equal(
+        loaded.generate(PROMPT, steps=2, seed=1).frames, pipe.generate(PROMPT, steps=2, seed=1).frames
+    )
+
+
+def test_fresh_univigu_from_plain_wan_has_a_zero_text_head(wan_folder: Path) -> None:
+    fresh = UniViGUPipeline.from_wan(wan_folder, preset="tiny")
+    assert torch.count_nonzero(fresh.transformer.text_head.linear.weight) == 0
+    assert fresh.base_wan_dir == str(wan_folder)
+
+
+def test_checkpoint_vocabulary_smaller_than_the_tokenizer(pipe, wan_folder: Path, tmp_path: Path) -> None:
+    small = pipe.transformer.config.vocab_size - 10
+    state = {k: v for k, v in pipe.transformer.state_dict().items()}
+    state["vocab_embed.weight"] = state["vocab_embed.weight"][:small]
+    state["text_head.linear.weight"] = state["text_head.linear.weight"][:small]
+    state["text_head.linear.bias"] = state["text_head.linear.bias"][:small]
+    torch.save({"model": state, "step": 0}, tmp_path / "small.pth")
+    with pytest.raises(CheckpointError, match="tokenizer has .* tokens but the transformer's vocabulary"):
+        UniViGUPipeline.from_wan(wan_folder, checkpoint=tmp_path / "small.pth", preset="tiny")
+
+
+def test_a_folder_referencing_its_wan_components(wan_folder: Path, tmp_path: Path) -> None:
+    fresh = UniViGUPipeline.from_wan(wan_folder, preset="tiny")
+    fresh.save_pretrained(tmp_path / "run")
+    assert not (tmp_path / "run" / "vae").exists()
+    again = UniViGUPipeline.from_pretrained(tmp_path / "run")
+    assert again.base_wan_dir == str(wan_folder)
+    save_transformer(again.transformer, tmp_path / "check")
+
+
+def test_load_needs_exactly_one_source() -> None:
+    with pytest.raises(InvalidParameterError, match="exactly one model source"):
+        UniViGUPipeline.load()
+    with pytest.raises(InvalidParameterError, match="exactly one model source"):
+        UniViGUPipeline.load(preset="tiny", weights="x")
+    with pytest.raises(InvalidParameterError, match="checkpoint goes with a wan folder"):
+        UniViGUPipeline.load(preset="tiny", checkpoint="x.pth")
+    with pytest.raises(InvalidParameterError, match="preset 'wan2.1-1.3b' has no built-in weights"):
+        UniViGUPipeline.load(preset="wan2.1-1.3b")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "model.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=None,
+        check=False,
+    )
+
+
+def test_command_line_generate_and_caption(tmp_path: Path) -> None:
+    done = _cli(
+        "generate",
+        PROMPT,
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path / "v.mp4"),
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert decoded_frame_count(tmp_path / "v.mp4") == 17
+    done = _cli(
+        "caption",
+        str(tmp_path / "v.mp4"),
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "c.json"),
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert isinstance(json.loads((tmp_path / "c.json").read_text())["caption"], str)
+
+
+def test_command_line_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:
+    done = _cli(
+        "generate", PROMPT, "--preset", "tiny", "--height", "30", "--out", str(tmp_path / "v.mp4"), cwd=REPO
+    )
+    assert done.returncode == 2
+    assert "height must be a multiple of 16" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "v.mp4").exists()
