@@ -5,10 +5,11 @@ position draws ``x1 ~ softmax(logits)`` and, when ``x1`` differs from its token,
 probability ``1 - exp(-h * kappa'(t) / (1 - kappa(t)))``. :func:`naive_mixture_step` does it the way the
 authors' solver does, with one-hot ``(B, L, V)`` float64 rate tensors; ours never builds them.
 
-Each update is timed interleaved with a captioning forward pass of our transformer (``--size``, with the
-vocabulary set to ``V``; clean video, ``L`` text tokens, logits only), so the table also gives the share
-of a captioning step (forward + update) spent in the update. The update is timed at a middle step
-(``--index``): the last step skips the jump and is cheaper for both.
+Each update is timed interleaved (wall and process CPU time, see ``benchmarks/_timing.py``) with a
+captioning forward pass of our transformer (``--size``, with the vocabulary set to ``V``; clean video,
+``L`` text tokens, logits only), so the table also gives the share of a captioning step (forward +
+update) spent in the update. The update is timed at a middle step (``--index``): the last step skips
+the jump and is cheaper for both.
 
     python -m benchmarks.caption_sampler --device cpu --size small --repeats 5
     python -m benchmarks.caption_sampler --device cuda --size real --repeats 10
@@ -98,18 +99,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         samples = time_interleaved(fns, device, repeats=args.repeats, warmup=args.warmup)
         peaks = {name: peak_memory(fn, device) for name, fn in fns.items()}
-    forward_s = median(samples["forward"]["wall"])
+    forward = {clock: median(samples["forward"][clock]) for clock in ("wall", "cpu")}
     rows = []
     for name in ("naive", "ours"):
-        update_s = median(samples[name]["wall"])
+        update = {clock: median(samples[name][clock]) for clock in ("wall", "cpu")}
         rows.append(
             {
                 "update": name,
-                "update_s": update_s,
+                "update_s": update["wall"],
+                "update_cpu_s": update["cpu"],
                 "peak_bytes": peaks[name],
                 "peak_mib": mib(peaks[name]),
-                "forward_s": forward_s,
-                "share_of_step": update_s / (update_s + forward_s),
+                "forward_s": forward["wall"],
+                "forward_cpu_s": forward["cpu"],
+                "share_of_step": update["wall"] / (update["wall"] + forward["wall"]),
+                "share_of_step_cpu": update["cpu"] / (update["cpu"] + forward["cpu"]),
                 "samples": samples[name],
             }
         )
@@ -136,9 +140,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 TABLE = {
     "update": "text update",
     "update_s": "s/update",
+    "update_cpu_s": "CPU s/update",
     "peak_mib": "peak extra MiB",
     "forward_s": "captioning forward s",
+    "forward_cpu_s": "forward CPU s",
     "share_of_step": "update / (forward + update)",
+    "share_of_step_cpu": "same, CPU time",
 }
 
 
