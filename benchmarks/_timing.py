@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -74,9 +75,13 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
-    """Median over rounds of ``numerator[i] / denominator[i]`` (robust to load that drifts between rounds)."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, list[float]]:
+    """Median over rounds of ``numerator[i] / denominator[i]`` (robust to load that drifts between rounds)
+    and its distribution-free 95 % confidence interval ``[low, high]`` (order statistics of the ratios)."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    count = len(ratios)
+    rank = max(0, int((count - 1.96 * math.sqrt(count)) / 2))
+    return statistics.median(ratios), [ratios[rank], ratios[count - 1 - rank]]
 
 
 def _status_kib(field: str) -> int:
@@ -129,6 +134,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
             return "n/a"
         if isinstance(value, float):
             return f"{value:.4g}"
+        if isinstance(value, list):
+            return "[" + ", ".join(cell(v) for v in value) + "]"
         return str(value)
 
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]

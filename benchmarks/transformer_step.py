@@ -206,15 +206,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ours_times, wan_times = samples["ours"], samples["diffusers"]
             our_flops = forward_flops(config, size.latent, length, size.context_tokens, batch=args.batch)
             ours_s, diffusers_s = median(ours_times["wall"]), median(wan_times["wall"])
+            ratio, ratio_ci = paired_ratio(ours_times["wall"], wan_times["wall"])
+            cpu_ratio, cpu_ratio_ci = paired_ratio(ours_times["cpu"], wan_times["cpu"])
+            on_cpu = device.type == "cpu"  # on CUDA the host's CPU time says nothing about the step
             rows.append(
                 {
                     "text_tokens": length,
                     "ours_s": ours_s,
                     "diffusers_s": diffusers_s,
-                    "ratio": paired_ratio(ours_times["wall"], wan_times["wall"]),
-                    "cpu_time_ratio": (
-                        paired_ratio(ours_times["cpu"], wan_times["cpu"]) if device.type == "cpu" else None
-                    ),
+                    "ratio": ratio,
+                    "ratio_ci": ratio_ci,
+                    "cpu_time_ratio": cpu_ratio if on_cpu else None,
+                    "cpu_time_ratio_ci": cpu_ratio_ci if on_cpu else None,
                     "flop_ratio": our_flops["total"] / diffusers_flops["total"],
                     "ours_tflop": our_flops["total"] / 1e12,
                     "diffusers_tflop": diffusers_flops["total"] / 1e12,
@@ -259,7 +262,9 @@ TABLE = {
     "ours_s": "ours s/step",
     "diffusers_s": "diffusers s/step",
     "ratio": "ours/diffusers (wall)",
+    "ratio_ci": "95% CI",
     "cpu_time_ratio": "ours/diffusers (CPU time)",
+    "cpu_time_ratio_ci": "95% CI",
     "flop_ratio": "ours/diffusers (FLOP)",
     "ours_tflop": "ours TFLOP",
     "ours_tflops": "ours TFLOP/s",

@@ -44,6 +44,8 @@ def test_transformer_step_tiny_matches_diffusers() -> None:
         for key in ("ours_s", "diffusers_s", "ratio", "ours_tflop", "ours_tflops", "diffusers_tflops"):
             assert_number(row[key], positive=True)
         assert_number(row["cpu_time_ratio"], positive=True)
+        low, high = row["ratio_ci"]
+        assert low <= row["ratio"] <= high
         assert len(row["ours_samples"]["wall"]) == len(row["diffusers_samples"]["cpu"]) == 2
         for key in ("ours_peak_bytes", "diffusers_peak_bytes"):
             assert row[key] is None or isinstance(row[key], int)
