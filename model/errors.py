@@ -55,7 +55,9 @@ class CheckpointError(UniViGUError):
     code = "checkpoint_error"
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
-        where = ", ".join(part for part in (f"file {file}" if file else "", f"key {key!r}" if key else "") if part)
+        where = ", ".join(
+            part for part in (f"file {file}" if file else "", f"key {key!r}" if key else "") if part
+        )
         super().__init__(f"{message} ({where})" if where else message)
         self.file = file
         self.key = key

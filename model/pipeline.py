@@ -99,9 +99,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _cast_transformer(
+def cast_transformer(
     model: UniViGUTransformer, device: torch.device, dtype: torch.dtype
 ) -> UniViGUTransformer:
+    """Move to ``device`` in ``dtype`` for inference, keeping the time embeddings and tables in float32."""
     model.to(device=device, dtype=dtype)
     for name, parameter in model.named_parameters():
         if name.startswith(FP32_PARAMETERS) or name.endswith("scale_shift_table"):
@@ -128,7 +129,7 @@ class UniViGUPipeline:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
-        self.transformer = _cast_transformer(transformer, self.device, self.dtype)
+        self.transformer = cast_transformer(transformer, self.device, self.dtype)
         self.vae = vae.to(self.device).eval().requires_grad_(False)  # float32 throughout
         text.encoder.to(self.device, self.dtype).eval().requires_grad_(False)
         self.text = text
