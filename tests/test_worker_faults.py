@@ -93,3 +93,19 @@ def test_redis_restart_under_a_running_worker(
             )
     finally:
         redis.stop()
+
+
+def test_a_job_over_its_timeout_fails_and_the_worker_keeps_serving(
+    settings_factory: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    # Generous for a tiny job on a loaded machine; far too short for 1000 steps anywhere.
+    settings = settings_factory(job_timeout_seconds=6, max_steps=1000)
+    with TestClient(create_app(settings)) as client:
+        start_worker(settings).wait_ready(client)
+        job_id = client.post("/generate", json={**LONG_JOB, "steps": 1000}).json()["id"]
+        job = wait_for_status(client, job_id, {"failed", "succeeded", "canceled"})
+        assert job["status"] == "failed"
+        assert job["error"]["code"] == "timeout"
+        after = client.post("/generate", json={"prompt": "after", **TINY_VIDEO}).json()["id"]
+        done = wait_for_status(client, after, {"succeeded", "failed"})
+        assert done["status"] == "succeeded", done["error"]
