@@ -35,7 +35,7 @@ from benchmarks._timing import (
 from benchmarks.transformer_step import DTYPES, SIZES
 from model.config import UMT5_VOCAB_SIZE
 from model.network import UniViGUTransformer
-from model.pipeline import _cast_transformer
+from model.pipeline import cast_transformer
 from model.samplers import MixturePathTextSampler
 
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     with torch.device(device):
         transformer = UniViGUTransformer(config)
-    transformer = _cast_transformer(transformer, device, dtype)
+    transformer = cast_transformer(transformer, device, dtype)
 
     generator = torch.Generator(device).manual_seed(args.seed)
     logits = 4 * torch.randn(args.batch, args.length, args.vocab, generator=generator, device=device)

@@ -51,7 +51,7 @@ from benchmarks._timing import (
 from model.checkpoint import build_transformer, wan_to_univigu
 from model.config import UniViGUConfig
 from model.network import UniViGUTransformer
-from model.pipeline import _cast_transformer
+from model.pipeline import cast_transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,7 +150,7 @@ def build_pair(
     with torch.device(device):
         wan = WanTransformer3DModel(**config.to_wan_config())
     state = wan_to_univigu(wan.state_dict(), config, torch.Generator().manual_seed(seed))
-    ours = _cast_transformer(build_transformer(config, state, "benchmark"), device, dtype)
+    ours = cast_transformer(build_transformer(config, state, "benchmark"), device, dtype)
     del state
     if backend != "native":  # both default to it
         wan.set_attention_backend(backend)
