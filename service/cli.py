@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default="cpu", help="the worker's device (default cpu)")
     up.set_defaults(handler=_up)
 
+    from service.submit_cli import register as register_submit_command
+
+    register_submit_command(commands)
+
     try:
         from model.cli import register as register_model_commands
     except ImportError as exc:  # a gateway-only install: the model's commands are not available

@@ -44,10 +44,10 @@ end
 return 1
 """
 
-# ARGV: status, finished_at, expires_at, ttl, result json, error json, job id
+# ARGV: status, finished_at, expires_at, ttl, result json, error json, job id, '1' to accept queued too
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' then
+if status ~= 'running' and not (ARGV[8] == '1' and status == 'queued') then
   redis.call('SREM', KEYS[3], ARGV[7])
   return status or ''
 end
@@ -182,6 +182,7 @@ class JobStore:
             id=job_id,
             type=job_type,
             status=JobStatus.queued,
+            progress=0,
             created_at=datetime.fromtimestamp(now, UTC),
             params=params,
         )
@@ -297,8 +298,11 @@ class JobStore:
         *,
         result: JobResult | None = None,
         error: ErrorInfo | None = None,
+        from_queued: bool = False,
     ) -> bool:
-        """running -> a terminal status. False if the job was no longer running (reaped)."""
+        """running (or, with ``from_queued``, also queued) -> a terminal status.
+
+        False if the job was in another status (already finished, e.g. reaped)."""
         now = _now()
         keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
         args: list[str | int] = [
@@ -309,6 +313,7 @@ class JobStore:
             result.model_dump_json() if result else "",
             error.model_dump_json() if error else "",
             job_id,
+            "1" if from_queued else "",
         ]
         return self._finish(keys=keys, args=args) == b"ok"
 

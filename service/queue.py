@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from redis import Redis
 from redis.client import Pipeline
-from rq import Queue
+from rq import Callback, Queue
 from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 
 JOB_FUNCTION = "worker.jobs.run_job"
+# rq calls it when it gives up on a job, e.g. one whose worker died after taking it off the queue.
+FAILURE_CALLBACK = "worker.jobs.on_failure"
 
 
 class QueueFull(RuntimeError):
@@ -57,6 +59,7 @@ class JobQueue:
             result_ttl=self.ttl_seconds,
             failure_ttl=self.ttl_seconds,
             description=f"univigu job {job_id}",
+            on_failure=Callback(FAILURE_CALLBACK),
             pipeline=pipeline,
         )
 

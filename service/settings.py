@@ -115,14 +115,6 @@ class Settings(BaseSettings):
         """Longest time a job of a dead worker stays ``running`` before it is failed as ``worker_lost``."""
         return self.heartbeat_ttl_seconds + self.reaper_interval_seconds + 1.0
 
-    @property
-    def uploads_dir(self) -> Path:
-        return self.results_dir / "uploads"
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.results_dir / "jobs"
-
 
 def load_settings(**overrides: object) -> Settings:
     """Read the environment once; keyword overrides (from the CLI) win."""

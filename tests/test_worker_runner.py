@@ -6,19 +6,25 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from redis import Redis
+from rq.exceptions import AbandonedJobError
+from rq.job import Job as RqJob
+from rq.serializers import JSONSerializer
 
 from model.errors import Canceled, PromptTooLongError
 from service.jobs import JobStore
 from service.metrics import WorkerMetrics
+from service.queue import FAILURE_CALLBACK, JobQueue
 from service.redis_server import RedisServer
 from service.results import ResultFiles
 from service.schemas import JobStatus, JobType
+from worker import jobs
 from worker.runner import JobRunner
 
 
@@ -141,3 +147,36 @@ def test_success_writes_the_video_and_result_atomically(runner: JobRunner) -> No
     assert sorted(path.name for path in job_dir.iterdir()) == ["result.json", "video.mp4"]
     assert done.result.video_url == f"/jobs/{done.id}/video"
     assert (done.result.num_frames, done.result.height, done.result.width) == (5, 32, 32)
+
+
+def test_rq_failure_callback_fails_abandoned_jobs_only(runner: JobRunner) -> None:
+    store = runner.store
+    abandoned = "abandoned"
+    store.create(
+        abandoned,
+        JobType.generate,
+        {"prompt": "a cat"},
+        idempotency=None,
+        idempotency_ttl_seconds=60,
+        enqueue=lambda pipeline: None,
+        admit=lambda: None,
+    )
+    finished = run(runner)
+    jobs.install(runner)
+    for job_id in (abandoned, finished.id):
+        jobs.on_failure(SimpleNamespace(id=job_id), None, AbandonedJobError, AbandonedJobError(), None)
+    lost = store.get(abandoned)
+    assert (lost.status, lost.error.code) == (JobStatus.failed, "worker_lost")
+    assert store.get(finished.id).status == JobStatus.succeeded
+
+
+def test_the_gateway_registers_the_failure_callback(redis_server: RedisServer) -> None:
+    redis = Redis.from_url(redis_server.url)
+    queue = JobQueue(redis, name="callback-check", max_length=10, job_timeout_seconds=60, ttl_seconds=60)
+    with redis.pipeline() as pipeline:
+        queue.enqueue("cb", pipeline)
+        pipeline.execute()
+    job = RqJob.fetch("cb", connection=redis, serializer=JSONSerializer)
+    assert job._failure_callback_name == FAILURE_CALLBACK
+    queue.remove("cb")
+    redis.close()

@@ -89,6 +89,13 @@ class JobRunner:
             self._current = None
         self.metrics.busy.set(0)
 
+    def abandoned(self, job_id: str, *, reason: str) -> None:
+        """Fail a job that rq gave up on while its record was still queued or running."""
+        message = f"the worker that took this job stopped before finishing it ({reason})"
+        error = ErrorInfo(code="worker_lost", message=message)
+        if self.store.finish(job_id, JobStatus.failed, error=error, from_queued=True):
+            log.warning("job %s failed: abandoned by its worker", job_id)
+
     def _execute(self, record: JobRecord) -> Outcome:
         try:
             return Outcome(JobStatus.succeeded, result=self._call(record))
