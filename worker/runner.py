@@ -73,7 +73,15 @@ class JobRunner:
         with self._lock:
             self._current = job_id
         self.metrics.busy.set(1)
-        record = self.store.get(job_id)
+        try:
+            self._run(self.store.get(job_id))
+        finally:
+            # Whatever happens, the heartbeat stops: a job this worker could not finish is reaped.
+            with self._lock:
+                self._current = None
+            self.metrics.busy.set(0)
+
+    def _run(self, record: JobRecord) -> None:
         started = time.monotonic()
         if record.started_at is not None:
             wait = (record.started_at - record.created_at).total_seconds()
@@ -82,12 +90,9 @@ class JobRunner:
             outcome = self._execute(record)
         finally:
             if record.type == JobType.caption:
-                self.files.remove_upload(job_id)
+                self.files.remove_upload(record.id)
         self._finish(record, outcome)
         self.metrics.run_time.labels(record.type.value).observe(time.monotonic() - started)
-        with self._lock:
-            self._current = None
-        self.metrics.busy.set(0)
 
     def abandoned(self, job_id: str, *, reason: str) -> None:
         """Fail a job that rq gave up on while its record was still queued or running."""
