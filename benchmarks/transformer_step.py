@@ -8,7 +8,9 @@ cast as it is served: diffusers as ``from_pretrained(torch_dtype=...)`` does (it
 ``_keep_in_fp32_modules`` stay float32), ours by the pipeline's own cast. Ours runs once per
 ``--text-tokens`` value ``L``: with ``L = 0`` it does exactly diffusers' work (the velocities must
 agree); with ``L > 0`` it also carries ``L`` text tokens through every block and computes both heads
-(a joint-mode pass), so its ratio to diffusers is the price of the text stream.
+(a joint-mode pass), so its ratio to diffusers is the price of the text stream. With
+``--masked-prompt N`` only the first ``N`` text tokens are real and the rest is padding under a key
+mask, as in text-to-video (a mask rules out flash-attention kernels).
 
 FLOP count (``forward_flops``), ``2 * m * n * k`` per matmul, elementwise work (norms, rotary, GELU,
 softmax) not counted; ``S = Nv + L`` tokens, ``Nv = f*h*w / (pt*ph*pw)``, ``D`` hidden, ``F`` FFN width,
@@ -190,9 +192,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             x_t = torch.randint(
                 0, config.vocab_size, (args.batch, length), generator=generator, device=device
             )
+            real = length if args.masked_prompt is None else min(args.masked_prompt, length)
+            mask = (torch.arange(length, device=device) < real).expand(args.batch, -1)  # (B, L)
 
-            def our_step(x_t: torch.Tensor = x_t) -> torch.Tensor:
-                return ours(x_v, x_t, time, time, cond, compute_logits=x_t.shape[1] > 0)[0]
+            def our_step(x_t: torch.Tensor = x_t, mask: torch.Tensor = mask) -> torch.Tensor:
+                return ours(x_v, x_t, time, time, cond, mask, compute_logits=x_t.shape[1] > 0)[0]
 
             difference = None
             if length == 0:
@@ -212,6 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(
                 {
                     "text_tokens": length,
+                    "real_text_tokens": real,
                     "ours_s": ours_s,
                     "diffusers_s": diffusers_s,
                     "ratio": ratio,
@@ -259,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 TABLE = {
     "text_tokens": "text tokens",
+    "real_text_tokens": "unmasked",
     "ours_s": "ours s/step",
     "diffusers_s": "diffusers s/step",
     "ratio": "ours/diffusers (wall)",
@@ -283,6 +289,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs both networks once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each network first")
     p.add_argument("--text-tokens", type=parse_int_list, default=[0, 256], help="comma-separated L values")
+    p.add_argument(
+        "--masked-prompt",
+        type=int,
+        metavar="N",
+        help="only the first N text tokens are real, the rest padding under a key mask (as in t2v)",
+    )
     p.add_argument("--batch", type=int, default=1, help="B (a guided step runs B=2)")
     p.add_argument("--attention-backend", default="native", help="diffusers dispatch backend for both")
     p.add_argument("--peak-tflops", type=float, help="matrix peak of the device, for the fraction of peak")
