@@ -21,6 +21,7 @@ from service.results import ResultFiles
 from service.routes import caption, health, jobs, submit
 from service.schemas import build_request_models
 from service.settings import Settings
+from service.web import mount_web
 
 
 def build_services(settings: Settings) -> Services:
@@ -63,5 +64,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(caption.build_router(services.models))
     app.include_router(jobs.router)
     app.include_router(health.router)
+    mount_web(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=services.metrics)
     return app

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -241,18 +241,25 @@ class JobStore:
         *,
         status: JobStatus | None,
         job_type: JobType | None,
-        cursor: int,
+        before: float | None,
         limit: int,
         batch: int = 200,
-    ) -> tuple[list[JobRecord], int | None]:
-        """Newest first. ``cursor`` is a position in the index; returns the records and the next cursor."""
+    ) -> tuple[list[JobRecord], float | None]:
+        """Newest first, created strictly before ``before`` (a creation time; None: the newest).
+
+        Returns the records and the creation time to pass as ``before`` for the next page (None on the
+        last page). Keyed by time rather than position, so jobs expiring meanwhile shift nothing."""
         found: list[JobRecord] = []
-        position = cursor
-        while len(found) < limit:
-            ids = cast(list[bytes], self.redis.zrevrange(self._index, position, position + batch - 1))
-            if not ids:
+        upper = "+inf" if before is None else f"({before!r}"
+        while True:
+            entries = cast(
+                list[tuple[bytes, float]],
+                self.redis.zrevrangebyscore(self._index, upper, "-inf", start=0, num=batch, withscores=True),
+            )
+            if not entries:
                 return found, None
-            for offset, record in enumerate(self._records([i.decode() for i in ids])):
+            records = self._records([member.decode() for member, _ in entries])
+            for (_, score), record in zip(entries, records, strict=True):
                 if (
                     record is not None
                     and (status is None or record.status == status)
@@ -260,11 +267,10 @@ class JobStore:
                 ):
                     found.append(record)
                     if len(found) == limit:
-                        return found, position + offset + 1
-            position += len(ids)
-        return found, position
+                        return found, score
+            upper = f"({entries[-1][1]!r}"
 
-    def _records(self, ids: list[str]) -> Iterator[JobRecord | None]:
+    def _records(self, ids: list[str]) -> list[JobRecord | None]:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(self._job_key(job_id))
@@ -272,8 +278,7 @@ class JobStore:
         expired = [job_id for job_id, raw in zip(ids, raws, strict=True) if not raw]
         if expired:
             self.redis.zrem(self._index, *expired)
-        for raw in raws:
-            yield self._parse(raw)
+        return [self._parse(raw) for raw in raws]
 
     # --- transitions -----------------------------------------------------------------------------------
 

@@ -73,6 +73,8 @@ def test_unknown_routes_methods_and_jobs_use_the_envelope(client: TestClient) ->
     assert_envelope(client.get("/jobs/not-an-id"), 422, "invalid_parameter", "job_id")
     assert_envelope(client.get("/jobs?limit=0"), 422, "invalid_parameter", "limit")
     assert_envelope(client.get("/jobs?status=done"), 422, "invalid_parameter", "status")
+    assert_envelope(client.get("/jobs?cursor=nan"), 422, "invalid_parameter", "cursor")
+    assert_envelope(client.get("/jobs?cursor=soon"), 422, "invalid_parameter", "cursor")
 
 
 def test_generate_answers_202_with_a_queued_job(client: TestClient) -> None:

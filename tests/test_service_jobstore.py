@@ -90,3 +90,16 @@ def test_live_workers_expire(store: JobStore) -> None:
     assert store.live_workers(ttl_seconds=10) == 1
     time.sleep(0.05)
     assert store.live_workers(ttl_seconds=0.01) == 0
+
+
+def test_pages_stay_stable_when_jobs_expire_in_between(store: JobStore) -> None:
+    for index in range(6):
+        queued(store, f"job{index}")
+    first, cursor = store.page(status=None, job_type=None, before=None, limit=2)
+    assert [record.id for record in first] == ["job5", "job4"]
+    store.redis.delete(f"{store.prefix}:job:job5", f"{store.prefix}:job:job2")  # expired meanwhile
+    second, cursor = store.page(status=None, job_type=None, before=cursor, limit=2)
+    assert [record.id for record in second] == ["job3", "job1"]
+    last, cursor = store.page(status=None, job_type=None, before=cursor, limit=2)
+    assert [record.id for record in last] == ["job0"]
+    assert cursor is None

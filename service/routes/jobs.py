@@ -30,13 +30,15 @@ def list_jobs(
     status: JobStatus | None = None,
     job_type: Annotated[JobType | None, Query(alias="type", description="Job type.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    cursor: Annotated[int, Query(ge=0, description="next_cursor of the previous page.")] = 0,
+    cursor: Annotated[
+        float | None, Query(ge=0, allow_inf_nan=False, description="next_cursor of the previous page.")
+    ] = None,
 ) -> JobPage:
     """Recent jobs, newest first, optionally only one status and/or type."""
-    records, next_cursor = services.store.page(status=status, job_type=job_type, cursor=cursor, limit=limit)
+    records, next_cursor = services.store.page(status=status, job_type=job_type, before=cursor, limit=limit)
     return JobPage(
         jobs=[job_view(services, record) for record in records],
-        next_cursor=None if next_cursor is None else str(next_cursor),
+        next_cursor=None if next_cursor is None else repr(next_cursor),
     )
 
 
