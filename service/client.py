@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -256,14 +256,14 @@ class Client:
             what = "result" if self.get(job_id).type == JobType.caption else "video"
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         with self._stream("GET", f"/jobs/{job_id}/{what}") as response:
-            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
             try:
-                with os.fdopen(handle, "wb") as out:
+                with temporary.open("xb") as out:  # plain open(): the umask applies, unlike mkstemp's 0600
                     _copy(response.iter_bytes(), out)
                 os.replace(temporary, path)
             except BaseException:
-                Path(temporary).unlink(missing_ok=True)
+                temporary.unlink(missing_ok=True)
                 raise
         return path
 

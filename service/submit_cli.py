@@ -13,6 +13,7 @@ The gateway URL defaults to the one `univigu gateway` would listen on (UNIVIGU_H
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,8 @@ def _follow(client: Client, job: Job, timeout: float) -> Job:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    bar = tqdm(total=100, unit="%", desc=job.id[:8], file=sys.stderr) if tqdm else None
+    bar_format = "{desc} {percentage:3.0f}% |{bar}| {elapsed}"
+    bar = tqdm(total=100, desc=job.id[:8], bar_format=bar_format, file=sys.stderr) if tqdm else None
     last: list[tuple[str, int, int | None]] = []
 
     def show(now: Job) -> None:
@@ -100,7 +102,7 @@ def _follow(client: Client, job: Job, timeout: float) -> Job:
         if bar is None:
             print(f"{now.id[:8]} {label} {now.progress}%", file=sys.stderr)
             return
-        bar.set_postfix_str(label)
+        bar.set_description_str(f"{now.id[:8]} {label}", refresh=False)
         bar.update(now.progress - bar.n)
 
     try:
@@ -124,6 +126,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     from service.client import ApiError, Client, WaitTimeout
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll at --log-level INFO
     try:
         with Client(args.url or _default_url(), api_key=args.api_key) as client:
             job = _send(client, args)
