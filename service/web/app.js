@@ -65,7 +65,6 @@ function field(formKind, name, property, required) {
     const fourKPlusOne = (property.description || "").includes("4k+1");
     input.step = type.multipleOf ?? (fourKPlusOne ? 4 : type.type === "integer" ? 1 : "any");
     if (type.minimum !== undefined && type.maximum !== undefined) hints.push(`${type.minimum}–${type.maximum}`);
-    if (type.multipleOf) hints.push(`multiple of ${type.multipleOf}`);
   }
   if (type.maxLength && name !== "prompt") hints.push(`up to ${type.maxLength} characters`);
   if (property.description) hints.push(property.description.replace(/\.$/, ""));
