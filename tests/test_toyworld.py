@@ -10,7 +10,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
+from diffusers import AutoencoderKLWan
 
+from model.config import get_preset
 from model.media import read_video
 from model.pipeline import UniViGUPipeline
 from model.text import build_tiny_tokenizer
@@ -19,6 +22,7 @@ from model.toyworld.detector import detect
 from model.toyworld.evaluate import evaluate_model
 from model.toyworld.make import make_dataset, scenes
 from model.toyworld.recipe import TOY_DATA, RecipeConfig
+from model.toyworld.vae import calibrate
 from model.toyworld.world import (
     COLOURS,
     FRAMES,
@@ -158,3 +162,27 @@ def test_eval_report_scores_every_mode_and_split(tmp_path):
             assert set(rates) == {"shape", "colour", "motion", "all"}
             assert all(0.0 <= rate <= 1.0 for rate in rates.values())
             assert rates["all"] <= min(rates["shape"], rates["colour"], rates["motion"])
+
+
+def test_vae_calibration_keeps_reconstructions_and_unit_scale_latents():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**get_preset("toy").vae.to_kwargs()).eval()
+    clips = np.stack(
+        [render(s)[:5, ::2, ::2] for s in scenes(3, held_out=False, seed=0)]
+    )  # (3, 5, 32, 32, 3)
+    pixels = torch.from_numpy(clips[0]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        before = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        calibrate(vae, clips)
+        posterior = vae.encode(pixels).latent_dist
+        after = vae.decode(posterior.sample()).sample
+        means = torch.cat(
+            [
+                vae.encode(torch.from_numpy(c).permute(3, 0, 1, 2)[None].float() / 127.5 - 1).latent_dist.mean
+                for c in clips
+            ]
+        )
+    assert torch.allclose(after, before, atol=2e-3)
+    assert torch.allclose(posterior.std, torch.full_like(posterior.std, 0.0025), rtol=0.01)
+    assert torch.allclose(means.std(dim=(0, 2, 3, 4)), torch.ones(8), atol=1e-3)
+    assert torch.allclose(means.mean(dim=(0, 2, 3, 4)), torch.zeros(8), atol=1e-4)

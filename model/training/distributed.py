@@ -25,7 +25,8 @@ from torch.distributed.fsdp import fully_shard
 
 from model.network import UniViGUTransformer
 
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=False)
+GATHER_TO_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Unsharded tensors on the CPU of the main process only (the others receive empty dicts)."""
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,15 @@ def mean_over_processes(values: torch.Tensor, context: DistContext) -> torch.Ten
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer, unsharded, on every process (collective under FSDP)."""
-    state = get_model_state_dict(model, options=FULL_STATE)
+    """Every parameter and buffer, unsharded, on the main process's CPU (collective under FSDP)."""
+    state = get_model_state_dict(model, options=GATHER_TO_MAIN)
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """``{"state": {fqn: {name: tensor}}, "param_groups": [...]}`` unsharded (collective under FSDP)."""
-    return get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    """``{"state": {fqn: {name: tensor}}, "param_groups": [...]}`` unsharded on the main process's CPU
+    (collective under FSDP)."""
+    return get_optimizer_state_dict(model, optimizer, options=GATHER_TO_MAIN)
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
