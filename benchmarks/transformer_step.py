@@ -26,7 +26,10 @@ For Wan2.1-1.3B at 480x832, 81 frames (latent 21x60x104, ``Nv = 32760``), ``Lc =
 283.3 TFLOP per forward pass, of which attention scores and sums are 201 TFLOP (71 %).
 
     python -m benchmarks.transformer_step --device cpu --size small --repeats 7
-    python -m benchmarks.transformer_step --device cuda --size real --dtype bfloat16 --peak-tflops 790
+    python -m benchmarks.transformer_step --device cuda --size real --dtype bfloat16 --repeats 10
+
+The fraction of peak is taken against the measured matrix peak of the device in the same dtype: the
+best of a few ``n x n @ n x n`` products (``--peak-size``; 8192 suits an H200).
 """
 
 from __future__ import annotations
@@ -160,6 +163,13 @@ def build_pair(
     return cast_like_from_pretrained(wan, dtype), ours
 
 
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """The device's matrix peak in TFLOP/s: the fastest of ``repeats`` ``(n, n) @ (n, n)`` products."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    seconds = time_interleaved({"mm": lambda: a @ b}, device, repeats=repeats)["mm"]["wall"]
+    return 2 * size**3 / min(seconds) / 1e12
+
+
 def weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.parameters())
 
@@ -235,11 +245,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "diffusers_samples": wan_times,
                 }
             )
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    peak_tflops = matmul_peak_tflops(device, dtype, peak_size)
     for row in rows:
         row["ours_peak_mib"] = mib(row["ours_peak_bytes"])
         row["diffusers_peak_mib"] = mib(row["diffusers_peak_bytes"])
-        if args.peak_tflops:
-            row["ours_fraction_of_peak"] = row["ours_tflops"] / args.peak_tflops
+        row["ours_fraction_of_peak"] = row["ours_tflops"] / peak_tflops
+        row["diffusers_fraction_of_peak"] = row["diffusers_tflops"] / peak_tflops
     return {
         "benchmark": "transformer_step",
         "device": str(device),
@@ -248,6 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size,
         "dtype": str(dtype).removeprefix("torch."),
         "attention_backend": args.attention_backend,
+        "matmul_peak_tflops": peak_tflops,
+        "matmul_peak_size": peak_size,
         "batch": args.batch,
         "latent": list(size.latent),
         "video_tokens": video_tokens(config, size.latent),
@@ -275,6 +289,8 @@ TABLE = {
     "ours_tflop": "ours TFLOP",
     "ours_tflops": "ours TFLOP/s",
     "diffusers_tflops": "diffusers TFLOP/s",
+    "ours_fraction_of_peak": "ours / matmul peak",
+    "diffusers_fraction_of_peak": "diffusers / matmul peak",
     "ours_peak_mib": "ours peak MiB",
     "diffusers_peak_mib": "diffusers peak MiB",
     "max_abs_diff": "max abs diff (velocity)",
@@ -297,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=int, default=1, help="B (a guided step runs B=2)")
     p.add_argument("--attention-backend", default="native", help="diffusers dispatch backend for both")
-    p.add_argument("--peak-tflops", type=float, help="matrix peak of the device, for the fraction of peak")
+    p.add_argument("--peak-size", type=int, help="n of the peak matmul (default 8192 on CUDA, 2048 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the full result here")
     return p
@@ -307,15 +323,13 @@ def main() -> None:
     args = parser().parse_args()
     result = run(args)
     write_json(result, args.json)
-    columns = dict(TABLE)
-    if args.peak_tflops:
-        columns["ours_fraction_of_peak"] = f"ours / {args.peak_tflops:g} TFLOP/s"
     print(
         f"{result['device_name']} ({result['threads']} threads), size {result['size']}, {result['dtype']}, "
         f"batch {result['batch']}, latent {result['latent']} ({result['video_tokens']} video tokens), "
-        f"Lc {result['context_tokens']}, {result['repeats']} rounds, attention {result['attention_backend']}"
+        f"Lc {result['context_tokens']}, {result['repeats']} rounds, attention {result['attention_backend']}; "
+        f"matmul peak {result['matmul_peak_tflops']:.4g} TFLOP/s (n = {result['matmul_peak_size']})"
     )
-    print(markdown_table(result["rows"], columns))
+    print(markdown_table(result["rows"], TABLE))
 
 
 if __name__ == "__main__":

@@ -35,13 +35,33 @@ def assert_number(value: object, *, positive: bool = False) -> None:
 
 def test_transformer_step_tiny_matches_diffusers() -> None:
     args = transformer_step.parser().parse_args(
-        ["--size", "tiny", "--repeats", "2", "--warmup", "0", "--text-tokens", "0,8", "--masked-prompt", "5"]
+        [
+            "--size",
+            "tiny",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--text-tokens",
+            "0,8",
+            "--masked-prompt",
+            "5",
+            "--peak-size",
+            "64",
+        ]
     )
     result = transformer_step.run(args)
 
     assert [(row["text_tokens"], row["real_text_tokens"]) for row in result["rows"]] == [(0, 0), (8, 5)]
     for row in result["rows"]:
-        for key in ("ours_s", "diffusers_s", "ratio", "ours_tflop", "ours_tflops", "diffusers_tflops"):
+        for key in (
+            "ours_s",
+            "diffusers_s",
+            "ratio",
+            "ours_tflops",
+            "diffusers_tflops",
+            "ours_fraction_of_peak",
+        ):
             assert_number(row[key], positive=True)
         assert_number(row["cpu_time_ratio"], positive=True)
         low, high = row["ratio_ci"]
