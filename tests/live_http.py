@@ -1,0 +1,58 @@
+"""The gateway served over real HTTP (uvicorn in a thread) next to a live tiny worker, for the tests of
+clients that need a URL: service.client, `univigu submit` (a subprocess) and the web page (a browser).
+
+Built from conftest's pieces (make_settings, WorkerProcess, wait_for); one per test module.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from conftest import WorkerProcess, make_settings, wait_for
+
+from service.app import create_app
+from service.redis_server import RedisServer, free_port
+from service.settings import Settings
+
+
+@contextmanager
+def serve_gateway(settings: Settings) -> Iterator[str]:
+    """``create_app(settings)`` on a free local port; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), timeout=30, what="the gateway to start")
+    assert server.started, "the gateway did not start (see the log above)"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@dataclass(frozen=True)
+class LiveService:
+    url: str
+    settings: Settings
+    worker: WorkerProcess
+
+
+@contextmanager
+def live_service(redis_server: RedisServer, directory: Path) -> Iterator[LiveService]:
+    """A gateway on HTTP and one `univigu worker --preset tiny`, ready (the worker loaded the model)."""
+    settings = make_settings(directory / "results", redis_url=redis_server.url)
+    worker = WorkerProcess(settings, directory / "worker.log")
+    try:
+        with serve_gateway(settings) as url, httpx.Client(base_url=url, timeout=10) as http:
+            worker.wait_ready(http)  # type: ignore[arg-type]  # it only calls .get("/readyz")
+            yield LiveService(url, settings, worker)
+    finally:
+        worker.stop()

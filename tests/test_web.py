@@ -1,0 +1,230 @@
+"""The web page at / in a real headless browser (Playwright driving Debian's chromium) against a live
+gateway and a tiny CPU worker. Skipped, with the reason, where the browser or playwright is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import TINY_VIDEO
+from live_http import LiveService, live_service
+
+from service.client import Client
+from service.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+JOB_TIMEOUT_MS = 120_000
+LONG_VIDEO = {"height": 64, "width": 64, "num_frames": 17, "steps": 100}  # canceled long before its end
+
+
+def missing_browser() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    if not CHROMIUM.is_file():
+        return f"no browser at {CHROMIUM} (apt-get install -y chromium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    reason = missing_browser()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def live(
+    browser: Any, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveService]:
+    with live_service(redis_server, tmp_path_factory.mktemp("web")) as service:
+        yield service
+
+
+@pytest.fixture
+def page(browser: Any, live: LiveService) -> Iterator[Any]:
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(live.url)
+    page.wait_for_selector("body[data-ready=true]")  # the forms are built from /openapi.json
+    yield page
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def fill(page: Any, kind: str, values: dict[str, object]) -> None:
+    for name, value in values.items():
+        page.fill(f"#{kind}-{name}", str(value))
+
+
+def shown_job_id(page: Any) -> str:
+    page.wait_for_function("document.querySelector('#job .id').textContent.length === 32")
+    job_id: str = page.inner_text("#job .id")
+    return job_id
+
+
+def wait_status(page: Any, status: str) -> None:
+    page.wait_for_function(
+        "s => document.querySelector('#job .status').textContent === s", arg=status, timeout=JOB_TIMEOUT_MS
+    )
+
+
+def test_generate_shows_progress_to_100_then_plays_the_video(page: Any, live: LiveService) -> None:
+    fields = page.locator("#form-generate")
+    height = fields.locator("#generate-height")  # ranges come from the API's schema
+    assert (height.get_attribute("min"), height.get_attribute("max"), height.get_attribute("step")) == (
+        "16",
+        "1280",
+        "16",
+    )
+    assert page.locator("#generate-num_frames").get_attribute("step") == "4"
+    fill(page, "generate", {"prompt": "a red ball rolls", "seed": 7, **TINY_VIDEO})
+    page.evaluate(
+        """() => {
+        window.seenPercent = [];
+        const percent = document.querySelector('#job .percent');
+        new MutationObserver(() => window.seenPercent.push(percent.textContent))
+            .observe(percent, {childList: true, characterData: true, subtree: true});
+    }"""
+    )
+    page.click("#form-generate button[type=submit]")
+    job_id = shown_job_id(page)
+
+    page.wait_for_function("document.querySelector('#job progress').value === 100", timeout=JOB_TIMEOUT_MS)
+    wait_status(page, "succeeded")
+    seen = [int(text.rstrip("%")) for text in page.evaluate("window.seenPercent")]
+    assert seen == sorted(seen) and seen[-1] == 100, seen
+    assert page.inner_text("#job .percent") == "100%"
+    assert not page.is_visible("#job .cancel")
+
+    # The video element loads the MP4 (Chromium decodes it) and the download link points at it.
+    page.wait_for_function("document.querySelector('#job video').readyState >= 2", timeout=30_000)
+    size = page.evaluate(
+        "(() => { const v = document.querySelector('#job video'); return [v.videoWidth, v.videoHeight]; })()"
+    )
+    assert size == [TINY_VIDEO["width"], TINY_VIDEO["height"]]
+    link = page.locator("#job a.download")
+    assert link.get_attribute("href").endswith(f"jobs/{job_id}/video")
+    assert link.get_attribute("download") == f"{job_id}.mp4"
+    assert httpx.get(f"{live.url}/jobs/{job_id}/video").headers["content-type"] == "video/mp4"
+
+    # The form sent numbers, not strings, and left the empty options out.
+    params = httpx.get(f"{live.url}/jobs/{job_id}").json()["params"]
+    assert params == {"prompt": "a red ball rolls", "seed": 7, **TINY_VIDEO}
+
+    # A reload loses nothing: the job stays in the panel (URL hash) and in the recent list.
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    wait_status(page, "succeeded")
+    assert page.inner_text("#job .id") == job_id
+    recent = page.locator(f"#jobs button[data-id='{job_id}']")
+    recent.wait_for()
+    assert "generate · succeeded" in recent.inner_text()
+    assert "a red ball rolls" in recent.inner_text()
+
+
+def test_queue_position_and_cancel_from_the_page(page: Any, live: LiveService) -> None:
+    with Client(live.url) as client:
+        busy = client.generate("keeps the one worker busy", **LONG_VIDEO)
+        try:
+            # A second job waits in the queue: the page says where it stands, and cancels it.
+            fill(page, "generate", {"prompt": "waits its turn", **LONG_VIDEO})
+            page.click("#form-generate button[type=submit]")
+            queued_id = shown_job_id(page)
+            wait_status(page, "queued")
+            assert re.fullmatch(r"next in the queue|\d+ ahead in the queue", page.inner_text("#job .queue"))
+            page.click("#job .cancel")
+            wait_status(page, "canceled")
+            assert page.inner_text("#job .queue") == ""
+            assert not page.is_visible("#job .cancel")
+            assert not page.is_visible("#job video")
+            assert client.get(queued_id).status == "canceled"
+
+            # The first one (running by now, or still queued), opened from the recent jobs list.
+            page.click(f"#jobs button[data-id='{busy.id}']")
+            page.wait_for_function("id => location.hash === '#' + id", arg=busy.id)
+            page.wait_for_selector("#job .cancel", state="visible")
+            page.click("#job .cancel")
+            wait_status(page, "canceled")
+            assert client.get(busy.id).status == "canceled"
+            page.locator(f"#jobs button[data-id='{busy.id}']", has_text="canceled").wait_for()
+        finally:
+            if not client.get(busy.id).status.terminal:
+                client.cancel(busy.id)
+
+
+def test_validation_errors_from_the_api_are_shown_next_to_the_field(page: Any, live: LiveService) -> None:
+    before = httpx.get(f"{live.url}/jobs").json()["jobs"]
+    fill(page, "generate", {"prompt": "a ball", "height": 33})
+    page.click("#form-generate button[type=submit]")
+    error = page.locator("#form-generate .field:has(#generate-height) .error")
+    error.wait_for()
+    assert re.search(r"multiple of 16 \(got 33\).*\(invalid_parameter\)", error.inner_text())
+    assert page.locator("#form-generate .field.invalid").count() == 1
+    assert not page.is_visible("#form-generate .form-error")
+    assert httpx.get(f"{live.url}/jobs").json()["jobs"] == before  # nothing was submitted
+
+    fill(page, "generate", {"height": 32, "num_frames": 6})  # the next answer replaces the message
+    page.click("#form-generate button[type=submit]")
+    frames_error = page.locator("#form-generate .field:has(#generate-num_frames) .error")
+    frames_error.wait_for()
+    assert "4k+1" in frames_error.inner_text()
+    assert not error.is_visible()
+
+    page.click("[role=tab][data-tab=caption]")  # no file: the API's message lands at the drop zone
+    assert page.is_visible("#form-caption") and not page.is_visible("#form-generate")
+    page.click("#form-caption button[type=submit]")
+    page.locator("#drop .error").wait_for()
+    assert "file: field required" in page.inner_text("#drop .error")
+
+
+def test_caption_a_dropped_video(page: Any, live: LiveService, tmp_path: Path) -> None:
+    with Client(live.url) as client:  # a video to drop, made by the service itself
+        made = client.wait(client.generate("a cat", **TINY_VIDEO).id, timeout=120)
+    page.click("[role=tab][data-tab=caption]")
+    page.evaluate(
+        """async (url) => {
+        const blob = await (await fetch(url)).blob();
+        const files = new DataTransfer();
+        files.items.add(new File([blob], 'clip.mp4', {type: 'video/mp4'}));
+        const drop = new DragEvent('drop', {dataTransfer: files, bubbles: true, cancelable: true});
+        document.querySelector('#drop').dispatchEvent(drop);
+    }""",
+        f"jobs/{made.id}/video",
+    )
+    assert page.inner_text("#drop .file-name") == "clip.mp4"
+    fill(page, "caption", {"steps": 2, "max_tokens": 8})
+    page.click("#form-caption button[type=submit]")
+    job_id = shown_job_id(page)
+    wait_status(page, "succeeded")
+
+    caption = httpx.get(f"{live.url}/jobs/{job_id}").json()["result"]["caption"]
+    assert caption and page.inner_text("#job .caption") == caption
+    assert not page.is_visible("#job video")  # caption jobs have no video
+    link = page.locator("#job a.download")
+    assert link.get_attribute("href").endswith(f"jobs/{job_id}/result")
+    assert link.get_attribute("download") == f"{job_id}.json"
