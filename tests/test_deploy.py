@@ -42,7 +42,7 @@ TOY_MODEL_IN_IMAGE = "/opt/univigu/toy"
 
 
 # --- reading the files --------------------------------------------------------------------------------
-_INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?::?[-?]([^}]*))?\}|\$(\w+)")
+_INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 
 
 def interpolate(text: str) -> str:
@@ -51,13 +51,15 @@ def interpolate(text: str) -> str:
     def value(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
-        return match.group(2) or ""
+        operator = match.group(2) or ""
+        assert "?" not in operator, f"{match.group(0)}: a required variable; give it a default"
+        return match.group(3) or ""
 
     return _INTERPOLATION.sub(value, text)
 
 
 def interpolation_variables(text: str) -> set[str]:
-    return {m.group(1) or m.group(3) for m in _INTERPOLATION.finditer(text) if m.group(0) != "$$"}
+    return {m.group(1) or m.group(4) for m in _INTERPOLATION.finditer(text) if m.group(0) != "$$"}
 
 
 COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
@@ -132,9 +134,12 @@ ENTRYPOINT = exec_form(RUNTIME.all("ENTRYPOINT")[-1])
 CMD = exec_form(RUNTIME.all("CMD")[-1])
 
 
+OUR_IMAGES = {service.get("image") for service in SERVICES.values() if "build" in service}
+
+
 def ours(name: str) -> bool:
     """Services that run the image built from our Dockerfile."""
-    return "build" in SERVICES[name]
+    return "build" in SERVICES[name] or SERVICES[name].get("image") in OUR_IMAGES
 
 
 OUR_SERVICES = sorted(name for name in SERVICES if ours(name))
