@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import TINY_VIDEO
-from live_http import LiveService, live_service
+from live_http import LiveService, live_service, serve_gateway
 
 from service.client import Client
 from service.redis_server import RedisServer
@@ -228,3 +228,33 @@ def test_caption_a_dropped_video(page: Any, live: LiveService, tmp_path: Path) -
     link = page.locator("#job a.download")
     assert link.get_attribute("href").endswith(f"jobs/{job_id}/result")
     assert link.get_attribute("download") == f"{job_id}.json"
+
+
+def test_with_api_keys_the_page_sends_the_key_and_still_plays_the_video(
+    browser: Any, live: LiveService
+) -> None:
+    settings = live.settings.model_copy(update={"api_keys": ["s3cret"]})  # same queue: the same worker
+    with serve_gateway(settings) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        try:
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]")
+            page.locator("#jobs .error", has_text="unauthorized").wait_for()  # the list says why it is empty
+
+            page.click("#settings summary")
+            page.fill("#api-key", "s3cret")
+            page.dispatch_event("#api-key", "change")
+            page.locator("#jobs .error").wait_for(state="detached")
+            fill(page, "generate", {"prompt": "a key", **TINY_VIDEO})
+            page.click("#form-generate button[type=submit]")
+            shown_job_id(page)
+            wait_status(page, "succeeded")
+            # <video src> cannot send a header: the page fetches the MP4 with the key into a blob.
+            page.wait_for_function("document.querySelector('#job video').readyState >= 2", timeout=30_000)
+            assert page.locator("#job a.download").get_attribute("href").startswith("blob:")
+            assert errors == []
+        finally:
+            context.close()

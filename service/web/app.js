@@ -4,7 +4,7 @@
 
 const POLL_MS = 500; // job panel refresh while the job runs
 const LIST_MS = 2000; // recent jobs refresh
-const KEY_HEADER = "X-API-Key";
+let keyHeader = "X-API-Key"; // the gateway's default; an apiKey security scheme in /openapi.json wins
 const $ = (selector, root = document) => root.querySelector(selector);
 
 let shown = null; // id of the job in the job panel
@@ -21,7 +21,7 @@ class ApiError extends Error {
 
 function authHeaders(extra = {}) {
   const key = localStorage.getItem("apiKey");
-  return key ? { ...extra, [KEY_HEADER]: key } : extra;
+  return key ? { ...extra, [keyHeader]: key } : extra;
 }
 
 async function api(path, options = {}) {
@@ -78,6 +78,8 @@ function field(formKind, name, property, required) {
 
 async function buildForms() {
   const spec = await api("openapi.json");
+  const scheme = Object.values(spec.components?.securitySchemes ?? {}).find((s) => s.type === "apiKey");
+  if (scheme?.in === "header") keyHeader = scheme.name;
   const caption = spec.paths["/caption"].post.requestBody.content["multipart/form-data"].schema;
   for (const form of document.forms) {
     const schema = form.dataset.schema ? spec.components.schemas[form.dataset.schema] : caption;
@@ -230,8 +232,9 @@ async function refreshList() {
   let page;
   try {
     page = await api("jobs?limit=20");
-  } catch {
-    return; // shown again on the next refresh
+  } catch (error) {
+    $("#jobs").replaceChildren(element("li", { class: "error" }, `${error.message} (${error.code})`));
+    return;
   }
   const items = page.jobs.map((job) => {
     const button = element("button", { type: "button", "data-id": job.id });
