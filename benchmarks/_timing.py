@@ -99,7 +99,7 @@ def _release_freed_heap() -> None:
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Bytes of memory that one call of ``fn`` needs beyond what was in use before it; None if unmeasurable."""
+    """Bytes that one call of ``fn`` needs beyond what was in use before it; None if unmeasurable."""
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -23,7 +23,7 @@ softmax) not counted; ``S = Nv + L`` tokens, ``Nv = f*h*w / (pt*ph*pw)``, ``D`` 
   time embeddings ``2 (freq_dim D + 7 D²)`` per modality (diffusers: one), text head ``2 L D V``.
 
 For Wan2.1-1.3B at 480x832, 81 frames (latent 21x60x104, ``Nv = 32760``), ``Lc = 512``, ``L = 0`` this is
-283.3 TFLOP per forward pass, of which attention scores and sums are 201 TFLOP (71 %).
+283.0 TFLOP per forward pass, of which attention scores and sums are 200.9 TFLOP (71 %).
 
     python -m benchmarks.transformer_step --device cpu --size small --repeats 7
     python -m benchmarks.transformer_step --device cuda --size real --dtype bfloat16 --repeats 10
@@ -326,7 +326,8 @@ def main() -> None:
     print(
         f"{result['device_name']} ({result['threads']} threads), size {result['size']}, {result['dtype']}, "
         f"batch {result['batch']}, latent {result['latent']} ({result['video_tokens']} video tokens), "
-        f"Lc {result['context_tokens']}, {result['repeats']} rounds, attention {result['attention_backend']}; "
+        f"Lc {result['context_tokens']}, {result['repeats']} rounds, "
+        f"attention {result['attention_backend']}; "
         f"matmul peak {result['matmul_peak_tflops']:.4g} TFLOP/s (n = {result['matmul_peak_size']})"
     )
     print(markdown_table(result["rows"], TABLE))

@@ -85,7 +85,7 @@ def test_flop_formula_gives_283_tflop_for_wan_1_3b_at_480p_81_frames() -> None:
 
 @pytest.mark.parametrize("text_tokens", [0, 8])
 def test_flop_formula_matches_torch_flop_counter(text_tokens: int) -> None:
-    """Every matmul of both networks at the tiny size, counted by torch (attention through the math kernel)."""
+    """Every matmul of both networks at the tiny size, counted by torch (attention via the math kernel)."""
     size = transformer_step.SIZES["tiny"]
     config = size.config
     wan, ours = transformer_step.build_pair(size, torch.device("cpu"), torch.float32, "native", seed=0)
