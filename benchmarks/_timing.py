@@ -5,7 +5,7 @@ machine hits every contender alike; scripts report medians and the median of per
 Every call records its wall time (CUDA events on CUDA, ``time.perf_counter`` on the CPU) and the CPU
 time of this process (``time.process_time``). On a busy shared CPU the CPU time of a single-threaded
 run (``OMP_NUM_THREADS=1``) does not count the time the process waited for a core, so its ratios are
-far steadier than wall-clock ones.
+steadier than wall-clock ones.
 
 Peak memory of one call is the extra memory it needs beyond what was allocated before it:
 ``torch.cuda.max_memory_allocated`` on CUDA; on Linux CPUs the growth of the resident set's high-water
