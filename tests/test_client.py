@@ -164,7 +164,7 @@ def test_cli_generate_waits_and_saves_the_mp4(live: LiveService, tmp_path: Path)
     assert frame_count(out) == TINY_VIDEO["num_frames"]
 
 
-def test_cli_joint_saves_video_and_caption_and_prints_the_caption(live: LiveService, tmp_path: Path) -> None:
+def test_cli_joint_then_caption_save_outputs_and_print_captions(live: LiveService, tmp_path: Path) -> None:
     run = run_cli(
         live, "joint", "a cat", *tiny_flags(), "--max-tokens=8", "--wait", "--out=cat.mp4", cwd=tmp_path
     )
@@ -172,6 +172,11 @@ def test_cli_joint_saves_video_and_caption_and_prints_the_caption(live: LiveServ
     result = json.loads((tmp_path / "cat.json").read_text())
     assert run.stdout.strip() == result["caption"]
     assert frame_count(tmp_path / "cat.mp4") == TINY_VIDEO["num_frames"]
+
+    captioned = run_cli(live, "caption", "cat.mp4", "--steps=2", "--max-tokens=8", "--wait", cwd=tmp_path)
+    assert captioned.returncode == 0, captioned.stderr
+    (saved,) = set(tmp_path.glob("*.json")) - {tmp_path / "cat.json"}  # default name: <job id>.json
+    assert captioned.stdout.strip() == json.loads(saved.read_text())["caption"]
 
 
 def test_cli_without_wait_prints_the_job_and_reports_api_errors(live: LiveService, tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ function field(formKind, name, property, required) {
   if (type.maxLength && name !== "prompt") hints.push(`up to ${type.maxLength} characters`);
   if (property.description) hints.push(property.description.replace(/\.$/, ""));
   if (required) input.required = true;
-  else input.placeholder = "model default";
+  else input.placeholder = input.type === "number" ? "model default" : "optional";
   box.append(element("label", { for: id }, property.title || name), input);
   if (hints.length) box.append(element("small", { class: "hint" }, hints.join(" · ")));
   box.append(element("small", { class: "error", hidden: "" }));
