@@ -102,12 +102,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def cast_transformer(
     model: UniViGUTransformer, device: torch.device, dtype: torch.dtype
 ) -> UniViGUTransformer:
-    """Move to ``device`` in ``dtype`` for inference, keeping the time embeddings and tables in float32."""
-    model.to(device=device, dtype=dtype)
+    """Move to ``device`` and cast the parameters to ``dtype`` for inference.
+
+    The time embeddings and modulation tables stay float32; buffers (the rotary tables) keep the
+    precision they were built in.
+    """
+    model.to(device=device)
     for name, parameter in model.named_parameters():
-        if name.startswith(FP32_PARAMETERS) or name.endswith("scale_shift_table"):
-            parameter.data = parameter.data.float()
-    model.rope.to(device)  # its float64 tables stay float64, as in diffusers
+        keep = name.startswith(FP32_PARAMETERS) or name.endswith("scale_shift_table")
+        parameter.data = parameter.data.to(torch.float32 if keep else dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -343,7 +346,10 @@ class UniViGUPipeline:
         request = self._video_request(height, width, num_frames, fps, steps, guidance_scale)
         seed, generator = self._seeded(seed)
         # 2. Encode the prompt: the clean text stream, the condition and the unconditional condition.
-        tokens, mask = self.text.tokenize([prompt], self.defaults.max_prompt_tokens)
+        # The authors pad the stream to a fixed length under a key mask; padding is then invisible to
+        # every other token, so dropping it gives the same velocity for less work and mask-free kernels.
+        padded, mask = self.text.tokenize([prompt], self.defaults.max_prompt_tokens)
+        tokens = padded[:, : int(mask.sum())]  # (1, real tokens)
         cond, uncond = self._conditions(prompt, negative_prompt, request.guidance_scale)
         # 3. Timesteps and the initial latent.
         sampler = make_video_sampler(self.video_sampler, request.steps)
@@ -352,7 +358,7 @@ class UniViGUPipeline:
         # 4. Denoise.
         for index, time in enumerate(sampler.timesteps):
             _check_cancel(should_cancel)
-            velocity, _ = self._guided(latent, tokens, mask, time.view(1), zero, cond, uncond, request, False)
+            velocity, _ = self._guided(latent, tokens, time.view(1), zero, cond, uncond, request, False)
             latent = sampler.step(velocity, index, latent)
             _report(progress, index + 1, request.steps)
         # 5. Decode.
@@ -431,7 +437,7 @@ class UniViGUPipeline:
         for index, time in enumerate(sampler.timesteps):
             _check_cancel(should_cancel)
             times = time.view(1)
-            velocity, logits = self._guided(latent, tokens, None, times, times, cond, uncond, request, True)
+            velocity, logits = self._guided(latent, tokens, times, times, cond, uncond, request, True)
             latent = sampler.step(velocity, index, latent)
             tokens = joint_text_update(logits, index, request.steps, tokens, generator)
             _report(progress, index + 1, request.steps)
@@ -510,7 +516,6 @@ class UniViGUPipeline:
         self,
         latent: torch.Tensor,
         tokens: torch.Tensor,
-        mask: torch.Tensor | None,
         time_v: torch.Tensor,
         time_t: torch.Tensor,
         cond: torch.Tensor,
@@ -523,14 +528,13 @@ class UniViGUPipeline:
         ``latent (1, C, f, h, w)``, ``tokens (1, L)`` -> ``(velocity (1, C, f, h, w), logits (1, L, V) | None)``.
         """
         if uncond is None:
-            return self.transformer(latent, tokens, time_v, time_t, cond, mask, compute_logits=want_logits)
+            return self.transformer(latent, tokens, time_v, time_t, cond, compute_logits=want_logits)
         velocity, logits = self.transformer(
             latent.expand(2, -1, -1, -1, -1),
             tokens.expand(2, -1),
             time_v.expand(2),
             time_t.expand(2),
             torch.cat([cond, uncond]),
-            None if mask is None else mask.expand(2, -1),
             compute_logits=want_logits,
         )
         guided = classifier_free_guidance(velocity[:1], velocity[1:], request.guidance_scale)

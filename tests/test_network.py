@@ -112,6 +112,17 @@ def test_padding_mask_hides_padded_tokens(wan_and_ours) -> None:
     assert not torch.allclose(v2, v3)
 
 
+def test_dropping_masked_padding_gives_the_same_velocity(wan_and_ours) -> None:
+    """Why text-to-video may trim the prompt's padding instead of masking it."""
+    _, ours = wan_and_ours
+    x_v, x_t, time, cond = _inputs()
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 2)
+    with torch.no_grad():
+        masked, _ = ours(x_v, x_t, time, time, cond, mask)
+        trimmed, _ = ours(x_v, x_t[:, :3], time, time, cond)
+    torch.testing.assert_close(masked, trimmed, rtol=1e-5, atol=1e-6)
+
+
 def test_backend_without_mask_support_is_refused_only_when_padding_is_present(wan_and_ours) -> None:
     _, ours = wan_and_ours
     ours._attention_backend = "flash"  # the check needs no flash install: it runs before any kernel
