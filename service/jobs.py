@@ -96,6 +96,7 @@ class Idempotency:
 class Submission:
     record: JobRecord
     created: bool
+    queue_position: int | None = None
 
 
 def _now() -> float:
@@ -140,11 +141,13 @@ class JobStore:
         idempotency_ttl_seconds: int,
         enqueue: Callable[[Pipeline], None],
         admit: Callable[[], None],
+        queue_key: str,
     ) -> Submission:
         """Store a queued record and enqueue it in one transaction, or return the Idempotency-Key's job.
 
         ``admit`` runs before anything is written and may raise (a full queue); ``enqueue`` adds the
-        queue's writes to the same MULTI so that a record never exists without its queue entry.
+        queue's writes to the same MULTI so that a record never exists without its queue entry. The new
+        job's position in the list ``queue_key`` is read in that MULTI too.
         """
         idem_key = f"{self.prefix}:idem:{idempotency.scope}:{idempotency.key}" if idempotency else None
         now = _now()
@@ -174,7 +177,8 @@ class JobStore:
                     )
                     pipe.zadd(self._index, {job_id: now})
                     enqueue(pipe)
-                    pipe.execute()
+                    pipe.lpos(queue_key, job_id)
+                    position = pipe.execute()[-1]
                     break
                 except WatchError:
                     continue
@@ -186,7 +190,7 @@ class JobStore:
             created_at=datetime.fromtimestamp(now, UTC),
             params=params,
         )
-        return Submission(record, created=True)
+        return Submission(record, created=True, queue_position=position)
 
     def _replay(self, claim: dict[str, str], idempotency: Idempotency) -> JobRecord:
         if claim["fingerprint"] != idempotency.fingerprint:

@@ -12,7 +12,7 @@ from fastapi import Response
 from service.dependencies import Services
 from service.errors import ApiError
 from service.jobs import Idempotency, Submission
-from service.schemas import Job, JobRecord, JobStatus, JobType
+from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType
 
 
 def new_job_id() -> str:
@@ -48,6 +48,7 @@ def submit(
         idempotency_ttl_seconds=services.settings.idempotency_ttl_seconds,
         enqueue=lambda pipeline: services.queue.enqueue(job_id, pipeline),
         admit=services.queue.admit,
+        queue_key=services.queue.key,
     )
 
 
@@ -62,11 +63,22 @@ def read_job(services: Services, job_id: str) -> Job:
     return Job.from_record(record, queue_position=position)
 
 
+def list_page(
+    services: Services, status: JobStatus | None, job_type: JobType | None, before: float | None, limit: int
+) -> JobPage:
+    records, next_cursor = services.store.page(status=status, job_type=job_type, before=before, limit=limit)
+    return JobPage(
+        jobs=[job_view(services, record) for record in records],
+        next_cursor=None if next_cursor is None else repr(next_cursor),
+    )
+
+
 def accepted(services: Services, submission: Submission, response: Response) -> Job:
     """The 202 body and headers of a submission (``Idempotent-Replayed`` on a replay)."""
     response.headers["Location"] = f"/jobs/{submission.record.id}"
-    if not submission.created:
-        response.headers["Idempotent-Replayed"] = "true"
+    if submission.created:
+        return Job.from_record(submission.record, queue_position=submission.queue_position)
+    response.headers["Idempotent-Replayed"] = "true"
     return job_view(services, submission.record)
 
 

@@ -31,6 +31,7 @@ def queued(store: JobStore, job_id: str = "j1") -> str:
         idempotency_ttl_seconds=60,
         enqueue=lambda pipeline: None,
         admit=lambda: None,
+        queue_key="unused-queue",
     )
     return job_id
 

@@ -74,6 +74,7 @@ def run(runner: JobRunner, behaviour: Callable[[], Any] | None = None) -> Any:
         idempotency_ttl_seconds=60,
         enqueue=lambda pipeline: None,
         admit=lambda: None,
+        queue_key="unused-queue",
     )
     runner.run(job_id)
     return runner.store.get(job_id)
@@ -160,6 +161,7 @@ def test_rq_failure_callback_fails_abandoned_jobs_only(runner: JobRunner) -> Non
         idempotency_ttl_seconds=60,
         enqueue=lambda pipeline: None,
         admit=lambda: None,
+        queue_key="unused-queue",
     )
     finished = run(runner)
     jobs.install(runner)

@@ -6,12 +6,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.dependencies import ClientScope, ServicesDep
 from service.errors import ApiError
 from service.routes._responses import READ_ERRORS
 from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType
-from service.submission import cancel, job_view, read_job
+from service.submission import cancel, list_page, read_job
 
 router = APIRouter(tags=["jobs"])
 
@@ -24,7 +25,7 @@ VIDEO_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/jobs", response_model=JobPage, responses=READ_ERRORS)
-def list_jobs(
+async def list_jobs(
     services: ServicesDep,
     _: ClientScope,
     status: JobStatus | None = None,
@@ -35,23 +36,19 @@ def list_jobs(
     ] = None,
 ) -> JobPage:
     """Recent jobs, newest first, optionally only one status and/or type."""
-    records, next_cursor = services.store.page(status=status, job_type=job_type, before=cursor, limit=limit)
-    return JobPage(
-        jobs=[job_view(services, record) for record in records],
-        next_cursor=None if next_cursor is None else repr(next_cursor),
-    )
+    return await run_in_threadpool(list_page, services, status, job_type, cursor, limit)
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=READ_ERRORS)
-def get_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
-    return read_job(services, job_id)
+async def get_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
+    return await run_in_threadpool(read_job, services, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, responses=READ_ERRORS)
-def cancel_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
+async def cancel_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
     """A queued job is canceled and never runs; a running one stops at its next denoising step
     (its status turns canceled then); a finished job answers 409."""
-    return cancel(services, job_id)
+    return await run_in_threadpool(cancel, services, job_id)
 
 
 def _succeeded(record: JobRecord) -> None:
