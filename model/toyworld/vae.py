@@ -3,7 +3,7 @@
 It is trained as a deterministic autoencoder: the decoder reconstructs the posterior *mean*. With
 reparameterised samples a fresh VAE's posterior variance starts near 1 while its means are small, so
 the samples carry no information and reconstruction stalls (seen in a probe). A randomly initialised
-VAE also first learns to output black frames; the object-weighted L1 loss counts object pixels
+VAE also first learns to output black frames; the object-weighted squared error counts object pixels
 ``1 + object_weight`` times, which moves it off that plateau. Clips are random windows of
 ``clip_frames`` (a ``4k + 1`` count): the causal VAE applies the same weights to every 4-frame chunk,
 and short windows cost a fraction of a full clip.
@@ -33,7 +33,7 @@ class VAETrainConfig:
     batch_size: int = 4
     clip_frames: int = 5  # 4k + 1
     lr: float = 1e-3
-    object_weight: float = 10.0
+    object_weight: float = 20.0
     seed: int = 0
     calibration_clips: int = 32
 
@@ -44,10 +44,13 @@ LOG_VARIANCE = -12.0
 def reconstruction_loss(
     reconstruction: torch.Tensor, target: torch.Tensor, object_weight: float
 ) -> torch.Tensor:
-    """Object-weighted L1: ``reconstruction, target (B, 3, T, H, W)`` in [-1, 1] -> scalar."""
+    """Object-weighted squared error: ``reconstruction, target (B, 3, T, H, W)`` in [-1, 1] -> scalar.
+
+    Squared, not absolute: under L1 an all-black output stays optimal until object pixels carry half
+    the weight, which left a probe on the black plateau."""
     foreground = (target.max(dim=1, keepdim=True).values > -0.5).float()  # (B, 1, T, H, W)
     weight = 1.0 + object_weight * foreground
-    return (weight * (reconstruction - target).abs()).sum() / weight.expand_as(target).sum()
+    return (weight * (reconstruction - target).pow(2)).sum() / weight.expand_as(target).sum()
 
 
 def train_vae(
