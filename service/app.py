@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Security
+from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
 from service.dependencies import Services
@@ -60,9 +61,15 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app, retry_after_seconds=settings.retry_after_seconds)
-    app.include_router(submit.build_router(services.models))
-    app.include_router(caption.build_router(services.models))
-    app.include_router(jobs.router)
+    # Documents the API key in OpenAPI (an "Authorize" button in /docs); the check is client_scope's.
+    security = (
+        [Security(APIKeyHeader(name=settings.api_key_header, auto_error=False, scheme_name="ApiKey"))]
+        if settings.api_keys
+        else []
+    )
+    app.include_router(submit.build_router(services.models), dependencies=security)
+    app.include_router(caption.build_router(services.models), dependencies=security)
+    app.include_router(jobs.router, dependencies=security)
     app.include_router(health.router)
     mount_web(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=services.metrics)

@@ -185,6 +185,13 @@ def test_api_keys_are_required_when_configured(settings_factory: Callable[..., S
         assert accepted.status_code == 202
         assert client.get("/healthz").status_code == 200
         assert client.get("/metrics").status_code == 200
+        spec = client.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["ApiKey"] == {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-API-Key",
+        }
+        assert spec["paths"]["/generate"]["post"]["security"] == [{"ApiKey": []}]
 
 
 def test_idempotency_keys_are_scoped_per_api_key(settings_factory: Callable[..., Settings]) -> None:
