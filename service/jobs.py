@@ -157,8 +157,9 @@ class JobStore:
                     if idempotency and idem_key:
                         pipe.watch(idem_key)
                         claimed = pipe.get(idem_key)
-                        if claimed is not None:
-                            return Submission(self._replay(json.loads(claimed), idempotency), created=False)
+                        replayed = self._replay(json.loads(claimed), idempotency) if claimed else None
+                        if replayed is not None:
+                            return Submission(replayed, created=False)
                     admit()
                     pipe.multi()
                     if idempotency and idem_key:
@@ -192,12 +193,14 @@ class JobStore:
         )
         return Submission(record, created=True, queue_position=position)
 
-    def _replay(self, claim: dict[str, str], idempotency: Idempotency) -> JobRecord:
-        if claim["fingerprint"] != idempotency.fingerprint:
+    def _replay(self, claim: dict[str, str], idempotency: Idempotency) -> JobRecord | None:
+        """The key's job; None once that job expired (the key then starts a new job)."""
+        record = self.find(claim["job_id"])
+        if record is not None and claim["fingerprint"] != idempotency.fingerprint:
             raise IdempotencyConflict(
                 "this Idempotency-Key was used with a different request; use a new key for a new request"
             )
-        return self.get(claim["job_id"])
+        return record
 
     def find(self, job_id: str) -> JobRecord | None:
         return self._parse(cast(dict[bytes, bytes], self.redis.hgetall(self._job_key(job_id))))

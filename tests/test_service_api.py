@@ -222,3 +222,16 @@ def test_openapi_documents_the_limits(client: TestClient) -> None:
     assert (bounds["minimum"], bounds["maximum"], bounds["multipleOf"]) == (16, 1280, 16)
     assert "multipart/form-data" in spec["paths"]["/caption"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
+
+
+def test_an_idempotency_key_whose_job_expired_starts_a_new_job(client: TestClient) -> None:
+    headers = {"Idempotency-Key": "old"}
+    first = client.post("/generate", json={"prompt": "a cat"}, headers=headers).json()["id"]
+    store = client.app.state.services.store  # type: ignore[attr-defined]
+    store.redis.delete(f"{store.prefix}:job:{first}")  # the record expired
+    again = client.post("/generate", json={"prompt": "a dog"}, headers=headers)
+    assert again.status_code == 202
+    assert again.json()["id"] != first
+    assert (
+        client.post("/generate", json={"prompt": "a dog"}, headers=headers).json()["id"] == again.json()["id"]
+    )
