@@ -37,7 +37,17 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.loading import ModelSpec, ModelSpecError
     from worker.main import serve
 
-    names = ("device", "preset", "weights", "wan", "checkpoint", "worker_metrics_port")
+    names = (
+        "device",
+        "preset",
+        "weights",
+        "wan",
+        "checkpoint",
+        "null_prompt",
+        "attention_backend",
+        "video_sampler",
+        "worker_metrics_port",
+    )
     settings = load_settings(**_overrides(args, *names))
     try:
         spec = ModelSpec.from_settings(settings)
@@ -72,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", type=Path, help="a folder in our saved format")
     source.add_argument("--wan", type=Path, help="a Wan2.1 Diffusers folder (with --checkpoint)")
     worker.add_argument("--checkpoint", type=Path, help="the Uni-ViGU checkpoint for --wan")
+    worker.add_argument("--null-prompt", type=Path, help="precomputed empty-prompt embedding for --wan")
+    worker.add_argument("--attention-backend", help="diffusers attention backend: native, flash, sage ...")
+    worker.add_argument("--sampler", dest="video_sampler", choices=["euler", "unipc"], help="video sampler")
     worker.add_argument("--name", help="worker name (default host.pid.device)")
     worker.add_argument("--metrics-port", dest="worker_metrics_port", type=int, help="0 turns it off")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")

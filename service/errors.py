@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -116,6 +117,12 @@ def install_error_handlers(app: FastAPI, *, retry_after_seconds: int) -> None:
             503, "redis_unavailable", "the job store is unreachable; retry later", headers=unavailable
         )
 
+    async def redis_full(request: Request, exc: Exception) -> JSONResponse:
+        log.error("Redis is out of memory (maxmemory-policy noeviction): %s", exc)
+        return envelope(
+            503, "redis_full", "the job store is full; retry once finished jobs expire", headers=unavailable
+        )
+
     async def model_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, UniViGUError)
         status = (
@@ -135,5 +142,6 @@ def install_error_handlers(app: FastAPI, *, retry_after_seconds: int) -> None:
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(RedisConnectionError, redis_down)
     app.add_exception_handler(RedisTimeoutError, redis_down)
+    app.add_exception_handler(RedisOutOfMemoryError, redis_full)
     app.add_exception_handler(UniViGUError, model_error)
     app.add_exception_handler(Exception, internal)

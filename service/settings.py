@@ -13,7 +13,7 @@ slack (13 s with the defaults; documented as "within 15 s").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -22,7 +22,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     """Configuration of Uni-ViGU Serve. Every field maps to the variable ``UNIVIGU_<FIELD_NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="UNIVIGU_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="UNIVIGU_", extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     # --- Redis and the queue ---------------------------------------------------------------------------
     redis_url: str = Field(
@@ -90,6 +92,16 @@ class Settings(BaseSettings):
     weights: Path | None = Field(None, description="A folder in our saved format (from_pretrained).")
     wan: Path | None = Field(None, description="A Wan2.1 Diffusers folder; needs `checkpoint`.")
     checkpoint: Path | None = Field(None, description="The Uni-ViGU checkpoint applied on top of `wan`.")
+    null_prompt: Path | None = Field(
+        None,
+        description="Precomputed empty-prompt umT5 embedding for `wan` (computed once at start if unset).",
+    )
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend of the worker: native (default), flash, sage, ..."
+    )
+    video_sampler: Literal["euler", "unipc"] = Field(
+        "euler", description="Video sampler: euler (the authors' shifted Euler) or unipc."
+    )
     worker_metrics_port: int = Field(
         9100, ge=0, le=65535, description="Each worker's Prometheus port; 0: off."
     )

@@ -167,6 +167,23 @@ def test_unreachable_redis_answers_503_quickly(settings_factory: Callable[..., S
         assert "univigu_redis_up 0.0" in client.get("/metrics").text
 
 
+def test_full_redis_answers_503_and_keeps_what_was_accepted(client: TestClient) -> None:
+    """With maxmemory-policy noeviction (as deployed), a full Redis refuses writes; nothing is lost."""
+    accepted = client.post("/generate", json={"prompt": "a cat"})
+    assert accepted.status_code == 202
+    redis = client.app.state.services.store.redis  # type: ignore[attr-defined]  # the server this test run started
+    redis.config_set("maxmemory-policy", "noeviction")
+    redis.config_set("maxmemory", 1)
+    try:
+        response = client.post("/generate", json={"prompt": "one more"})
+        assert_envelope(response, 503, "redis_full")
+        assert response.headers["retry-after"] == "5"
+    finally:
+        redis.config_set("maxmemory", 0)
+    assert client.get(f"/jobs/{accepted.json()['id']}").json()["status"] == "queued"
+    assert queue_length(client) == 1
+
+
 def test_readyz_needs_a_live_worker(client: TestClient) -> None:
     response = client.get("/readyz")
     assert_envelope(response, 503, "no_workers")

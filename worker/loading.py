@@ -25,10 +25,22 @@ class ModelSpec:
     weights: Path | None = None
     wan: Path | None = None
     checkpoint: Path | None = None
+    null_prompt: Path | None = None
+    attention_backend: str | None = None
+    video_sampler: str = "euler"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec:
-        spec = cls(settings.device, settings.preset, settings.weights, settings.wan, settings.checkpoint)
+        spec = cls(
+            settings.device,
+            settings.preset,
+            settings.weights,
+            settings.wan,
+            settings.checkpoint,
+            settings.null_prompt,
+            settings.attention_backend,
+            settings.video_sampler,
+        )
         spec.check()
         return spec
 
@@ -53,10 +65,13 @@ class ModelSpec:
 def load_pipeline(spec: ModelSpec) -> UniViGUPipeline:
     from model.pipeline import UniViGUPipeline  # torch loads here, not at import
 
-    if spec.preset is not None:
-        return UniViGUPipeline.from_preset(spec.preset, device=spec.device)
-    if spec.weights is not None:
-        return UniViGUPipeline.from_pretrained(spec.weights, device=spec.device)
-    if spec.wan is not None and spec.checkpoint is not None:
-        return UniViGUPipeline.from_wan(spec.wan, checkpoint=spec.checkpoint, device=spec.device)
-    raise ModelSpecError(f"no model source in {spec}")
+    return UniViGUPipeline.load(
+        preset=spec.preset,
+        weights=spec.weights,
+        wan=spec.wan,
+        checkpoint=spec.checkpoint,
+        null_prompt=spec.null_prompt,
+        device=spec.device,
+        attention_backend=spec.attention_backend,
+        video_sampler=spec.video_sampler,  # type: ignore[arg-type]  # checked by Settings
+    )
