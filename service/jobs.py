@@ -7,6 +7,7 @@ Keys (``{p}`` is ``settings.key_prefix``):
 - ``{p}:running``: the set of running job ids; ``{p}:hb:{id}``: a running job's heartbeat (expiring).
 - ``{p}:idem:{scope}:{key}``: an Idempotency-Key's request fingerprint and job id.
 - ``{p}:workers``: a sorted set of worker names by their last heartbeat (for ``/readyz``).
+- ``{p}:model``: the served model's name, limits and defaults, as the last worker to start published them.
 
 Every status transition is one Lua script, so a cancel, a start, a finish and the reaper never race:
 ``queued -> running -> succeeded | failed | canceled`` and ``queued -> canceled``; terminal is final.
@@ -26,7 +27,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 
-from service.schemas import ErrorInfo, JobRecord, JobResult, JobStatus, JobType
+from service.schemas import ErrorInfo, JobRecord, JobResult, JobStatus, JobType, ServedModel
 
 _START = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
@@ -118,6 +119,7 @@ class JobStore:
         self._index = f"{prefix}:jobs"
         self._running = f"{prefix}:running"
         self._workers = f"{prefix}:workers"
+        self._model = f"{prefix}:model"
         self._start = redis.register_script(_START)
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
@@ -357,6 +359,14 @@ class JobStore:
         return int(self.redis.scard(self._running))
 
     # --- workers -----------------------------------------------------------------------------------------
+
+    def publish_model(self, model: ServedModel) -> None:
+        """Record what the workers serve (each worker at start; all workers of a queue serve one model)."""
+        self.redis.set(self._model, model.model_dump_json())
+
+    def served_model(self) -> ServedModel | None:
+        raw = self.redis.get(self._model)
+        return None if raw is None else ServedModel.model_validate_json(raw)
 
     def worker_alive(self, name: str) -> None:
         self.redis.zadd(self._workers, {name: _now()})

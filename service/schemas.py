@@ -128,6 +128,14 @@ def build_request_models(settings: Settings) -> RequestModels:
     )
 
 
+class ServedModel(BaseModel):
+    """What the workers serve, as each worker publishes it at start: its name and sampling defaults."""
+
+    preset: str | None = Field(description="The model's preset (tiny, toy, wan2.1-1.3b), when known.")
+    max_caption_tokens: int = Field(description="The longest caption (max_tokens) the model accepts.")
+    defaults: dict[str, Any] = Field(description="Values used for options a request leaves out.")
+
+
 class ErrorInfo(BaseModel):
     code: str
     message: str

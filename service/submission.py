@@ -35,6 +35,7 @@ def submit(
     fingerprint_extra: str = "",
 ) -> Submission:
     """Record and enqueue a job in one transaction; a known Idempotency-Key returns its job instead."""
+    check_against_served_model(services, params)
     idempotency = (
         Idempotency(scope, idempotency_key, _fingerprint(job_type, params, fingerprint_extra))
         if idempotency_key
@@ -50,6 +51,22 @@ def submit(
         admit=services.queue.admit,
         queue_key=services.queue.key,
     )
+
+
+def check_against_served_model(services: Services, params: dict[str, Any]) -> None:
+    """Refuse a caption length the served model cannot produce, before the job reaches the queue."""
+    tokens = params.get("max_tokens")
+    if tokens is None:
+        return
+    model = services.store.served_model()
+    if model is not None and tokens > model.max_caption_tokens:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"max_tokens must be at most {model.max_caption_tokens} for the served model"
+            f" ({model.preset or 'custom'}), got {tokens}",
+            param="max_tokens",
+        )
 
 
 def job_view(services: Services, record: JobRecord) -> Job:

@@ -184,6 +184,10 @@ def test_full_redis_answers_503_and_keeps_what_was_accepted(client: TestClient) 
     assert queue_length(client) == 1
 
 
+def test_model_is_unknown_until_a_worker_starts(client: TestClient) -> None:
+    assert_envelope(client.get("/model"), 503, "no_workers")
+
+
 def test_readyz_needs_a_live_worker(client: TestClient) -> None:
     response = client.get("/readyz")
     assert_envelope(response, 503, "no_workers")

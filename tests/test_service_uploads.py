@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from model.media import write_mp4
 from service.app import create_app
 from service.errors import ApiError
+from service.schemas import ServedModel
 from service.settings import Settings
 from service.uploads import receive_upload
 
@@ -148,6 +149,24 @@ def test_bad_caption_options_answer_422(
     assert hint in error["message"]
     assert uploads_of(client) == []
     assert queue_length(client) == 0
+
+
+def test_caption_longer_than_the_served_model_allows_never_reaches_the_queue(
+    client: TestClient, clip: bytes
+) -> None:
+    store = client.app.state.services.store  # type: ignore[attr-defined]
+    store.publish_model(ServedModel(preset="tiny", max_caption_tokens=48, defaults={}))
+    response = client.post(
+        "/caption", files={"file": ("v.mp4", clip, "video/mp4")}, data={"max_tokens": "49"}
+    )
+    error = assert_envelope(response, 422, "invalid_parameter", "max_tokens")
+    assert "at most 48 for the served model (tiny)" in error["message"]
+    assert uploads_of(client) == []
+    assert queue_length(client) == 0
+    accepted = client.post(
+        "/caption", files={"file": ("v.mp4", clip, "video/mp4")}, data={"max_tokens": "48"}
+    )
+    assert accepted.status_code == 202
 
 
 def test_missing_file_and_wrong_content_types(client: TestClient) -> None:

@@ -185,6 +185,15 @@ def test_readyz_with_a_live_worker(live: TestClient) -> None:
     assert ready.json()["workers"] == 1
 
 
+def test_the_worker_publishes_its_model_and_the_gateway_enforces_it(live: TestClient) -> None:
+    model = live.get("/model").json()
+    assert model["preset"] == "tiny"
+    assert model["max_caption_tokens"] == 48
+    assert model["defaults"]["num_frames"] == 17
+    too_long = live.post("/joint", json={"prompt": "a cat", **TINY_VIDEO, "max_tokens": 49})
+    assert_envelope(too_long, 422, "invalid_parameter", "max_tokens")
+
+
 def test_idempotent_resubmit_returns_the_finished_job(live: TestClient) -> None:
     body = {"prompt": "same", **TINY_VIDEO}
     first = live.post("/generate", json=body, headers={"Idempotency-Key": "e2e-1"}).json()["id"]

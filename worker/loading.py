@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.schemas import ServedModel
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,4 +76,13 @@ def load_pipeline(spec: ModelSpec) -> UniViGUPipeline:
         device=spec.device,
         attention_backend=spec.attention_backend,
         video_sampler=spec.video_sampler,  # type: ignore[arg-type]  # checked by Settings
+    )
+
+
+def describe_model(pipeline: UniViGUPipeline) -> ServedModel:
+    """What this worker serves, for the gateway's edge checks and ``GET /model``."""
+    return ServedModel(
+        preset=pipeline.preset,
+        max_caption_tokens=pipeline.defaults.max_caption_tokens,
+        defaults=dataclasses.asdict(pipeline.defaults),
     )

@@ -27,7 +27,7 @@ from service.redis_client import connect_redis, job_queue, job_store
 from service.results import ResultFiles
 from service.settings import Settings
 from worker import jobs
-from worker.loading import ModelSpec, load_pipeline
+from worker.loading import ModelSpec, describe_model, load_pipeline
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     files = ResultFiles(settings.results_dir)
     files.ensure_dirs()
     store = job_store(settings, connect_redis(settings))
+    store.publish_model(describe_model(pipeline))
     runner = JobRunner(pipeline, store=store, files=files, metrics=metrics, worker_name=name)
     jobs.install(runner)
     heartbeat = Heartbeat(

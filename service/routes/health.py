@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.dependencies import ServicesDep
 from service.errors import ApiError
 from service.routes._responses import error_responses
+from service.schemas import ServedModel
 
 router = APIRouter(tags=["operations"])
 
@@ -31,6 +32,20 @@ def readyz(services: ServicesDep) -> dict[str, int | str]:
             headers={"Retry-After": str(services.settings.retry_after_seconds)},
         )
     return {"status": "ready", "workers": workers}
+
+
+@router.get("/model", response_model=ServedModel, responses=error_responses(503))
+def served_model(services: ServicesDep) -> ServedModel:
+    """The served model's preset, caption limit and the defaults of omitted options."""
+    model = services.store.served_model()
+    if model is None:
+        raise ApiError(
+            503,
+            "no_workers",
+            "no worker has started yet; start one with `univigu worker`",
+            headers={"Retry-After": str(services.settings.retry_after_seconds)},
+        )
+    return model
 
 
 @router.get("/metrics", response_class=Response)
