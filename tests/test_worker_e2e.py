@@ -129,12 +129,13 @@ def test_caption_end_to_end(live: TestClient, tmp_path: Path) -> None:
 
 
 def test_model_errors_fail_the_job_with_their_code(live: TestClient) -> None:
-    # The tiny preset caps captions below the gateway's generic limit: the model says so.
-    job_id = live.post("/joint", json={"prompt": "a cat", "max_tokens": 500, **TINY_VIDEO}).json()["id"]
+    # The gateway counts characters; only the model's tokenizer can count tokens (24 for tiny).
+    long_prompt = " ".join(["red"] * 40)
+    job_id = live.post("/joint", json={"prompt": long_prompt, **TINY_VIDEO}).json()["id"]
     job, _ = watch(live, job_id)
     assert job["status"] == "failed"
-    assert job["error"]["code"] == "invalid_parameter"
-    assert job["error"]["param"] == "max_tokens"
+    assert job["error"]["code"] == "prompt_too_long"
+    assert job["error"]["param"] == "prompt"
 
 
 def test_cancel_running_queued_and_finished(live: TestClient) -> None:
