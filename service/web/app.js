@@ -52,7 +52,7 @@ function element(tag, attributes = {}, text = "") {
   return node;
 }
 
-function field(formKind, name, property, required) {
+function field(formKind, name, property, required, defaults) {
   const type = property.anyOf ? property.anyOf.find((t) => t.type !== "null") : property;
   const id = `${formKind}-${name}`;
   const box = element("div", { class: name === "prompt" ? "field wide" : "field" });
@@ -69,15 +69,26 @@ function field(formKind, name, property, required) {
   if (type.maxLength && name !== "prompt") hints.push(`up to ${type.maxLength} characters`);
   if (property.description) hints.push(property.description.replace(/\.$/, ""));
   if (required) input.required = true;
-  else input.placeholder = input.type === "number" ? "model default" : "optional";
+  else if (input.type !== "number") input.placeholder = "optional";
+  else input.placeholder = name in defaults ? `default ${defaults[name]}` : "model default";
   box.append(element("label", { for: id }, property.title || name), input);
   if (hints.length) box.append(element("small", { class: "hint" }, hints.join(" · ")));
   box.append(element("small", { class: "error", hidden: "" }));
   return box;
 }
 
+// The served model's defaults (GET /model), shown as placeholders; none until a worker has started.
+async function modelDefaults() {
+  try {
+    const { defaults } = await api("model");
+    return { ...defaults, max_tokens: defaults.caption_tokens };
+  } catch {
+    return {};
+  }
+}
+
 async function buildForms() {
-  const spec = await api("openapi.json");
+  const [spec, defaults] = await Promise.all([api("openapi.json"), modelDefaults()]);
   const scheme = Object.values(spec.components?.securitySchemes ?? {}).find((s) => s.type === "apiKey");
   if (scheme?.in === "header") keyHeader = scheme.name;
   const caption = spec.paths["/caption"].post.requestBody.content["multipart/form-data"].schema;
@@ -87,7 +98,8 @@ async function buildForms() {
     names.sort((a, b) => (b === "prompt") - (a === "prompt")); // the prompt first
     const box = $(".fields", form);
     for (const name of names) {
-      box.append(field(form.dataset.kind, name, schema.properties[name], (schema.required || []).includes(name)));
+      const required = (schema.required || []).includes(name);
+      box.append(field(form.dataset.kind, name, schema.properties[name], required, defaults));
     }
   }
 }
