@@ -76,6 +76,15 @@ def test_categorical_sampling_matches_the_distribution() -> None:
         _assert_within(frequencies[v].item(), PROBS[v].item(), draws.numel())
 
 
+def test_categorical_sampling_never_draws_a_token_without_mass() -> None:
+    logits = torch.full((1, 50_000, 6), float("-inf"))
+    logits[..., 1] = 0.0
+    logits[..., 4] = 2.0
+    draws = sample_categorical(logits, torch.Generator().manual_seed(2))
+    assert set(draws.unique().tolist()) == {1, 4}
+    _assert_within((draws == 4).double().mean().item(), math.exp(2) / (1 + math.exp(2)), draws.numel())
+
+
 def test_categorical_sampling_in_chunks_is_the_same_as_at_once(monkeypatch) -> None:
     logits = torch.randn(3, 40, 11)
     at_once = sample_categorical(logits, torch.Generator().manual_seed(3))
