@@ -20,7 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.jobs import JobStore
 from service.redis_server import RedisServer
+from service.schemas import JobType
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,3 +170,18 @@ def assert_envelope(response: Any, status: int, code: str, param: str | None = N
     if param is not None:
         assert body["error"]["param"] == param, body
     return body["error"]
+
+
+def queued(store: JobStore, job_id: str = "j1") -> str:
+    """Record a queued generate job directly in the store (no rq queue involved); returns its id."""
+    store.create(
+        job_id,
+        JobType.generate,
+        {"prompt": "a cat"},
+        idempotency=None,
+        idempotency_ttl_seconds=60,
+        enqueue=lambda pipeline: None,
+        admit=lambda: None,
+        queue_key="unused-queue",
+    )
+    return job_id

@@ -6,11 +6,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import queued
 from redis import Redis
 
 from service.jobs import JobStore
 from service.redis_server import RedisServer
-from service.schemas import ErrorInfo, JobResult, JobStatus, JobType
+from service.schemas import ErrorInfo, JobResult, JobStatus
 
 
 @pytest.fixture
@@ -20,20 +21,6 @@ def store(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator
         redis, prefix=f"store-{request.node.name}", result_ttl_seconds=60, heartbeat_ttl_seconds=0.3
     )
     redis.close()
-
-
-def queued(store: JobStore, job_id: str = "j1") -> str:
-    store.create(
-        job_id,
-        JobType.generate,
-        {"prompt": "a cat"},
-        idempotency=None,
-        idempotency_ttl_seconds=60,
-        enqueue=lambda pipeline: None,
-        admit=lambda: None,
-        queue_key="unused-queue",
-    )
-    return job_id
 
 
 def test_lifecycle_and_progress_never_decreases(store: JobStore) -> None:

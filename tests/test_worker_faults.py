@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,57 +42,52 @@ def test_a_killed_worker_leaves_its_job_failed_worker_lost_within_the_bound(
     assert client.get(f"/jobs/{job_id}").json()["status"] == "failed"
 
 
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of this test's own, which it may stop and restart."""
+    server = RedisServer(tmp_path / "own-redis")
+    server.start()
+    yield server
+    server.stop()
+
+
 def test_redis_restart_answers_503_then_recovers_without_losing_accepted_jobs(
-    tmp_path: Path, start_worker: Callable[[Settings], WorkerProcess]
+    tmp_path: Path, redis: RedisServer, start_worker: Callable[[Settings], WorkerProcess]
 ) -> None:
-    redis = RedisServer(tmp_path / "own-redis")
-    redis.start()
-    try:
-        settings = make_settings(tmp_path / "results", redis_url=redis.url, redis_timeout_seconds=0.5)
-        with TestClient(create_app(settings)) as client:
-            accepted = [
-                client.post("/generate", json={"prompt": f"job {i}", **TINY_VIDEO}).json()["id"]
-                for i in range(3)
-            ]
+    settings = make_settings(tmp_path / "results", redis_url=redis.url, redis_timeout_seconds=0.5)
+    with TestClient(create_app(settings)) as client:
+        accepted = [
+            client.post("/generate", json={"prompt": f"job {i}", **TINY_VIDEO}).json()["id"] for i in range(3)
+        ]
 
-            redis.stop()
-            submitted = client.post("/generate", json={"prompt": "while down", **TINY_VIDEO})
-            assert_envelope(submitted, 503, "redis_unavailable")
-            assert submitted.headers["retry-after"] == str(settings.retry_after_seconds)
-            assert_envelope(client.get(f"/jobs/{accepted[0]}"), 503, "redis_unavailable")
-            assert_envelope(client.get("/readyz"), 503, "redis_unavailable")
-
-            redis.start()
-            wait_for(lambda: client.get("/healthz").status_code == 200, timeout=10)
-            later = client.post("/generate", json={"prompt": "after restart", **TINY_VIDEO})
-            assert later.status_code == 202
-            start_worker(settings).wait_ready(client)
-            for job_id in [*accepted, later.json()["id"]]:
-                assert (
-                    wait_for_status(client, job_id, {"succeeded", "failed", "canceled"})["status"]
-                    == "succeeded"
-                )
-    finally:
         redis.stop()
+        submitted = client.post("/generate", json={"prompt": "while down", **TINY_VIDEO})
+        assert_envelope(submitted, 503, "redis_unavailable")
+        assert submitted.headers["retry-after"] == str(settings.retry_after_seconds)
+        assert_envelope(client.get(f"/jobs/{accepted[0]}"), 503, "redis_unavailable")
+        assert_envelope(client.get("/readyz"), 503, "redis_unavailable")
 
-
-def test_redis_restart_under_a_running_worker(
-    tmp_path: Path, start_worker: Callable[[Settings], WorkerProcess]
-) -> None:
-    redis = RedisServer(tmp_path / "own-redis")
-    redis.start()
-    try:
-        settings = make_settings(tmp_path / "results", redis_url=redis.url, redis_timeout_seconds=0.5)
-        with TestClient(create_app(settings)) as client:
-            start_worker(settings).wait_ready(client)
-            redis.stop()
-            redis.start()
-            job_id = client.post("/generate", json={"prompt": "after restart", **TINY_VIDEO}).json()["id"]
+        redis.start()
+        wait_for(lambda: client.get("/healthz").status_code == 200, timeout=10)
+        later = client.post("/generate", json={"prompt": "after restart", **TINY_VIDEO})
+        assert later.status_code == 202
+        start_worker(settings).wait_ready(client)
+        for job_id in [*accepted, later.json()["id"]]:
             assert (
                 wait_for_status(client, job_id, {"succeeded", "failed", "canceled"})["status"] == "succeeded"
             )
-    finally:
+
+
+def test_redis_restart_under_a_running_worker(
+    tmp_path: Path, redis: RedisServer, start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    settings = make_settings(tmp_path / "results", redis_url=redis.url, redis_timeout_seconds=0.5)
+    with TestClient(create_app(settings)) as client:
+        start_worker(settings).wait_ready(client)
         redis.stop()
+        redis.start()
+        job_id = client.post("/generate", json={"prompt": "after restart", **TINY_VIDEO}).json()["id"]
+        assert wait_for_status(client, job_id, {"succeeded", "failed", "canceled"})["status"] == "succeeded"
 
 
 def test_a_job_over_its_timeout_fails_and_the_worker_keeps_serving(

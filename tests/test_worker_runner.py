@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import queued
 from redis import Redis
 from rq.exceptions import AbandonedJobError
 from rq.job import Job as RqJob
@@ -23,7 +24,7 @@ from service.metrics import WorkerMetrics
 from service.queue import FAILURE_CALLBACK, JobQueue
 from service.redis_server import RedisServer
 from service.results import ResultFiles
-from service.schemas import JobStatus, JobType
+from service.schemas import JobStatus
 from worker import jobs
 from worker.runner import JobRunner
 
@@ -66,16 +67,7 @@ def run(runner: JobRunner, behaviour: Callable[[], Any] | None = None) -> Any:
     if behaviour is not None:
         runner.pipeline.behaviour = behaviour  # type: ignore[attr-defined]
     job_id = f"job{np.random.default_rng().integers(1 << 30)}"
-    runner.store.create(
-        job_id,
-        JobType.generate,
-        {"prompt": "a cat"},
-        idempotency=None,
-        idempotency_ttl_seconds=60,
-        enqueue=lambda pipeline: None,
-        admit=lambda: None,
-        queue_key="unused-queue",
-    )
+    queued(runner.store, job_id)
     runner.run(job_id)
     return runner.store.get(job_id)
 
@@ -152,17 +144,7 @@ def test_success_writes_the_video_and_result_atomically(runner: JobRunner) -> No
 
 def test_rq_failure_callback_fails_abandoned_jobs_only(runner: JobRunner) -> None:
     store = runner.store
-    abandoned = "abandoned"
-    store.create(
-        abandoned,
-        JobType.generate,
-        {"prompt": "a cat"},
-        idempotency=None,
-        idempotency_ttl_seconds=60,
-        enqueue=lambda pipeline: None,
-        admit=lambda: None,
-        queue_key="unused-queue",
-    )
+    abandoned = queued(store, "abandoned")
     finished = run(runner)
     jobs.install(runner)
     for job_id in (abandoned, finished.id):
