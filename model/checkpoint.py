@@ -84,13 +84,17 @@ def read_safetensors(path: Path) -> StateDict:
     return tensors
 
 
-def read_wan_transformer(transformer_dir: str | Path) -> tuple[dict, StateDict]:
-    """``(config dict, state dict)`` of a diffusers ``WanTransformer3DModel`` folder."""
-    folder = Path(transformer_dir)
-    config_path = folder / CONFIG_FILE
+def read_wan_config(transformer_dir: str | Path) -> dict:
+    """The config dict of a diffusers ``WanTransformer3DModel`` folder."""
+    config_path = Path(transformer_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError("Wan transformer config not found", file=str(config_path))
-    return json.loads(config_path.read_text()), read_safetensors(folder / WAN_WEIGHTS)
+    return json.loads(config_path.read_text())
+
+
+def read_wan_weights(transformer_dir: str | Path) -> StateDict:
+    """The state dict of a diffusers ``WanTransformer3DModel`` folder (single or sharded safetensors)."""
+    return read_safetensors(Path(transformer_dir) / WAN_WEIGHTS)
 
 
 def wan_to_univigu(

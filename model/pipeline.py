@@ -29,7 +29,8 @@ from model.checkpoint import (
     load_transformer_folder,
     read_safetensors,
     read_univigu_pth,
-    read_wan_transformer,
+    read_wan_config,
+    read_wan_weights,
     save_transformer,
     wan_to_univigu,
 )
@@ -224,7 +225,7 @@ class UniViGUPipeline:
         ``preset`` names the sampling defaults (sizes, steps, text lengths) of the model in the folder.
         """
         wan_dir = Path(wan_dir)
-        wan_config, wan_state = read_wan_transformer(wan_dir / "transformer")
+        wan_config = read_wan_config(wan_dir / "transformer")
         if checkpoint is not None:
             state, source = read_univigu_pth(checkpoint), str(checkpoint)
             if "vocab_embed.weight" not in state:
@@ -235,9 +236,10 @@ class UniViGUPipeline:
         config = UniViGUConfig.from_wan_config(
             wan_config, vocab_size=vocab, source=str(wan_dir / "transformer")
         )
-        if checkpoint is None:
+        if checkpoint is None:  # only a fresh Uni-ViGU needs Wan's own transformer weights
+            wan_state = read_wan_weights(wan_dir / "transformer")
             state = wan_to_univigu(wan_state, config, torch.Generator().manual_seed(seed))
-        del wan_state
+            del wan_state
         transformer = build_transformer(config, state, source)
         defaults = get_preset(preset).defaults
         pipe = cls._with_wan_components(transformer, wan_dir, defaults, device, dtype, preset)

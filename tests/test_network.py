@@ -14,7 +14,8 @@ from model.checkpoint import (
     build_transformer,
     load_transformer_folder,
     read_univigu_pth,
-    read_wan_transformer,
+    read_wan_config,
+    read_wan_weights,
     save_transformer,
     wan_to_univigu,
 )
@@ -247,7 +248,7 @@ def test_wan_folder_reads_sharded_weights(tmp_path: Path) -> None:
     wan = WanTransformer3DModel(**CONFIG.to_wan_config())
     wan.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    config, weights = read_wan_transformer(tmp_path)
+    config, weights = read_wan_config(tmp_path), read_wan_weights(tmp_path)
     assert UniViGUConfig.from_wan_config(config, vocab_size=CONFIG.vocab_size) == CONFIG
     assert set(weights) == set(wan.state_dict())
 
@@ -284,4 +285,4 @@ def test_safetensors_shard_missing_is_reported(tmp_path: Path) -> None:
     )
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="shard not found"):
-        read_wan_transformer(tmp_path)
+        read_wan_weights(tmp_path)

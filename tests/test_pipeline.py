@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,19 @@ def test_released_checkpoint_on_a_wan_folder_loads_strictly(pipe, wan_folder: Pa
     assert np.array_equal(
         loaded.generate(PROMPT, steps=2, seed=1).frames, pipe.generate(PROMPT, steps=2, seed=1).frames
     )
+
+
+def test_with_a_checkpoint_wans_own_transformer_weights_are_not_read(
+    pipe, wan_folder: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "wan-without-weights"
+    (folder / "transformer").mkdir(parents=True)
+    shutil.copy(wan_folder / "transformer" / "config.json", folder / "transformer")
+    for part in ("vae", "text_encoder", "tokenizer"):
+        (folder / part).symlink_to(wan_folder / part)
+    torch.save({"model": pipe.transformer.state_dict(), "step": 0}, tmp_path / "univigu.pth")
+    loaded = UniViGUPipeline.from_wan(folder, checkpoint=tmp_path / "univigu.pth", preset="tiny")
+    assert torch.equal(loaded.transformer.vocab_embed.weight, pipe.transformer.vocab_embed.weight)
 
 
 def test_fresh_univigu_from_plain_wan_has_a_zero_text_head(wan_folder: Path) -> None:
