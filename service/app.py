@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Security
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from service import openai
 from service.dependencies import Services
 from service.errors import install_error_handlers
 from service.maintenance import Maintenance
@@ -60,7 +61,12 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
-    install_error_handlers(app, retry_after_seconds=settings.retry_after_seconds)
+    # Under /v1/ errors are written in OpenAI's shape; the statuses and codes stay service.errors' own.
+    install_error_handlers(
+        app,
+        retry_after_seconds=settings.retry_after_seconds,
+        renderers={f"{openai.PREFIX}/": openai.render_openai},
+    )
     # Documents the API key in OpenAPI (an "Authorize" button in /docs); the check is client_scope's.
     security = (
         [Security(APIKeyHeader(name=settings.api_key_header, auto_error=False, scheme_name="ApiKey"))]
@@ -71,6 +77,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(caption.build_router(services.models), dependencies=security)
     app.include_router(jobs.router, dependencies=security)
     app.include_router(health.router)
+    # OpenAI clients send the key as "Authorization: Bearer"; the native header works there too.
+    bearer = [Security(HTTPBearer(auto_error=False, scheme_name="Bearer"))] if settings.api_keys else []
+    app.include_router(openai.build_router(), dependencies=bearer)
     mount_web(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=services.metrics)
     return app

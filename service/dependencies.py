@@ -42,29 +42,34 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def client_scope(request: Request, services: ServicesDep) -> str:
-    """Check the API key (when keys are configured) and return a scope for the caller's Idempotency-Keys.
+def scope_for_key(settings: Settings, presented: str, *, where: str) -> str:
+    """Check an API key (when keys are configured) and return the caller's scope: the value job
+    ownership and Idempotency-Keys are keyed by. ``where`` names the header(s) for the 401 message.
 
     Every configured key is compared in constant time, and all of them are compared, so the answer's
     timing says nothing about which key or how much of it matched.
     """
-    keys = services.settings.api_keys
+    keys = settings.api_keys
     if not keys:
         return "anonymous"
-    header = services.settings.api_key_header
-    presented = request.headers.get(header, "").encode()
     matched = False
     for key in keys:
-        matched |= secrets.compare_digest(presented, key.encode())
+        matched |= secrets.compare_digest(presented.encode(), key.encode())
     if not matched:
         raise ApiError(
             401,
             "unauthorized",
-            f"a valid API key is required in the {header} header",
-            param=header,
+            f"a valid API key is required in the {where}",
+            param=settings.api_key_header,
             headers={"WWW-Authenticate": "ApiKey"},
         )
-    return hashlib.sha256(presented).hexdigest()[:16]
+    return hashlib.sha256(presented.encode()).hexdigest()[:16]
+
+
+async def client_scope(request: Request, services: ServicesDep) -> str:
+    """The native API's caller: the API key in the ``api_key_header`` header (see ``scope_for_key``)."""
+    header = services.settings.api_key_header
+    return scope_for_key(services.settings, request.headers.get(header, ""), where=f"{header} header")
 
 
 ClientScope = Annotated[str, Depends(client_scope)]

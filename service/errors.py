@@ -1,8 +1,17 @@
-"""The one mapping from exceptions to HTTP answers, all in the envelope {"error": {code, message, param}}."""
+"""The one mapping from exceptions to HTTP answers.
+
+Every handler here decides an :class:`ErrorReply` (status, code, message, param, headers); the reply is
+then written as the native envelope ``{"error": {code, message, param}}``, or, for a path under a
+prefix given to :func:`install_error_handlers` (the OpenAI-compatible layer's ``/v1/``), by that
+prefix's renderer. Renderers change the body's shape only; which error gets which status and code is
+decided here and nowhere else.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,7 +22,7 @@ from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import InvalidVideoError, UniViGUError, VideoTooLargeError
+from model.errors import InvalidParameterError, InvalidVideoError, UniViGUError, VideoTooLargeError
 from service.jobs import IdempotencyConflict, JobNotFound
 from service.queue import QueueFull
 from service.schemas import ErrorEnvelope, ErrorInfo
@@ -53,9 +62,27 @@ class ApiError(Exception):
         self.headers = headers
 
 
+@dataclass(frozen=True)
+class ErrorReply:
+    """An error answer before it is written: what every handler decides."""
+
+    status: int
+    code: str
+    message: str
+    param: str | None = None
+    headers: Mapping[str, str] | None = None
+
+
+Renderer = Callable[[ErrorReply], JSONResponse]
+
+
 def envelope(status: int, code: str, message: str, param: str | None = None, **kwargs: Any) -> JSONResponse:
     body = ErrorEnvelope(error=ErrorInfo(code=code, message=message, param=param))
     return JSONResponse(body.model_dump(), status_code=status, **kwargs)
+
+
+def render_native(reply: ErrorReply) -> JSONResponse:
+    return envelope(reply.status, reply.code, reply.message, reply.param, headers=reply.headers)
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
@@ -75,64 +102,108 @@ def _validation_message(error: dict[str, Any]) -> str:
     return f"{param}: {message}" if param else message
 
 
-def validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
+def validation_reply(errors: list[dict[str, Any]]) -> ErrorReply:
     """422 naming the first bad field; the message lists every problem."""
     first = errors[0]
     if first["type"] == "json_invalid":
-        return envelope(
+        return ErrorReply(
             400, "invalid_json", f"the body is not valid JSON: {first.get('ctx', {}).get('error')}"
         )
     message = "; ".join(_validation_message(error) for error in errors)
-    return envelope(422, "invalid_parameter", message, _validation_param(tuple(first.get("loc", ()))))
+    return ErrorReply(422, "invalid_parameter", message, _validation_param(tuple(first.get("loc", ()))))
 
 
-def install_error_handlers(app: FastAPI, *, retry_after_seconds: int) -> None:
+def validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
+    return render_native(validation_reply(errors))
+
+
+def model_error_status(error: type[UniViGUError]) -> int:
+    """415 for a file that is not a usable video, 422 for every other model error."""
+    return 415 if issubclass(error, InvalidVideoError) and not issubclass(error, VideoTooLargeError) else 422
+
+
+def _model_error_classes() -> dict[str, type[UniViGUError]]:
+    found: dict[str, type[UniViGUError]] = {}
+    pending: list[type[UniViGUError]] = [UniViGUError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def failed_job_error(job_id: str, error: ErrorInfo | None) -> ApiError:
+    """The HTTP answer for a job that ended without a result, for routes that wait for one (the
+    OpenAI-compatible chat completions). The request's fault (a parameter or input video the model
+    refused) answers as the same error raised at the gateway would (422, or 415 for an unusable video);
+    a canceled job 409; anything else (worker_lost, gpu_oom, timeout, storage_error, internal_error)
+    500 with the job's code. The message names the job so that it can be looked up."""
+    code = error.code if error else "internal_error"
+    message = f"job {job_id}: {error.message if error else 'failed without an error record'}"
+    param = error.param if error else None
+    if code == "canceled":
+        return ApiError(409, "job_canceled", message, param="id")
+    cls = _model_error_classes().get(code)
+    if cls is not None and issubclass(cls, InvalidParameterError | InvalidVideoError):
+        return ApiError(model_error_status(cls), code, message, param=param)
+    return ApiError(500, code, message, param=param)
+
+
+def install_error_handlers(
+    app: FastAPI, *, retry_after_seconds: int, renderers: Mapping[str, Renderer] | None = None
+) -> None:
+    """Register every handler. ``renderers`` maps a path prefix (e.g. ``/v1/``) to the renderer of the
+    error answers under it; every other path gets the native envelope."""
     unavailable = {"Retry-After": str(retry_after_seconds)}
+    by_prefix = dict(renderers or {})
+
+    def render(request: Request, reply: ErrorReply) -> JSONResponse:
+        path = request.scope.get("path", "")
+        path = path.removeprefix(request.scope.get("root_path", "")) or path
+        for prefix, renderer in by_prefix.items():
+            if path.startswith(prefix):
+                return renderer(reply)
+        return render_native(reply)
 
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
-        return envelope(exc.status, exc.code, exc.message, exc.param, headers=exc.headers)
+        return render(request, ErrorReply(exc.status, exc.code, exc.message, exc.param, exc.headers))
 
     async def request_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return validation_error(list(exc.errors()))
+        return render(request, validation_reply(list(exc.errors())))
 
     async def http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = _STATUS_CODES.get(exc.status_code, "http_error")
-        return envelope(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return render(request, ErrorReply(exc.status_code, code, str(exc.detail), headers=exc.headers))
 
     async def job_not_found(request: Request, exc: Exception) -> JSONResponse:
-        return envelope(404, "job_not_found", str(exc), "id")
+        return render(request, ErrorReply(404, "job_not_found", str(exc), "id"))
 
     async def idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
-        return envelope(422, "idempotency_key_reused", str(exc), "Idempotency-Key")
+        return render(request, ErrorReply(422, "idempotency_key_reused", str(exc), "Idempotency-Key"))
 
     async def queue_full(request: Request, exc: Exception) -> JSONResponse:
-        return envelope(503, "queue_full", str(exc), headers=unavailable)
+        return render(request, ErrorReply(503, "queue_full", str(exc), headers=unavailable))
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("Redis unreachable: %s", exc)
-        return envelope(
-            503, "redis_unavailable", "the job store is unreachable; retry later", headers=unavailable
-        )
+        message = "the job store is unreachable; retry later"
+        return render(request, ErrorReply(503, "redis_unavailable", message, headers=unavailable))
 
     async def redis_full(request: Request, exc: Exception) -> JSONResponse:
         log.error("Redis is out of memory (maxmemory-policy noeviction): %s", exc)
-        return envelope(
-            503, "redis_full", "the job store is full; retry once finished jobs expire", headers=unavailable
-        )
+        message = "the job store is full; retry once finished jobs expire"
+        return render(request, ErrorReply(503, "redis_full", message, headers=unavailable))
 
     async def model_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, UniViGUError)
-        status = (
-            415 if isinstance(exc, InvalidVideoError) and not isinstance(exc, VideoTooLargeError) else 422
-        )
-        return envelope(status, exc.code, exc.message, exc.param)
+        return render(request, ErrorReply(model_error_status(type(exc)), exc.code, exc.message, exc.param))
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return envelope(500, "internal_error", "internal server error")
+        return render(request, ErrorReply(500, "internal_error", "internal server error"))
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, request_validation)

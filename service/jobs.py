@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -249,22 +249,36 @@ class JobStore:
         self,
         *,
         status: JobStatus | None,
-        job_type: JobType | None,
+        job_type: JobType | Collection[JobType] | None,
         before: float | None,
         limit: int,
+        after: float | None = None,
+        oldest_first: bool = False,
         batch: int = 200,
     ) -> tuple[list[JobRecord], float | None]:
-        """Newest first, created strictly before ``before`` (a creation time; None: the newest).
+        """Jobs created strictly between ``after`` and ``before`` (creation times; None: unbounded),
+        newest first unless ``oldest_first``; ``job_type`` is one type or a collection of types.
 
-        Returns the records and the creation time to pass as ``before`` for the next page (None on the
-        last page). Keyed by time rather than position, so jobs expiring meanwhile shift nothing."""
+        Returns the records and the creation time of the last one, to pass as ``before`` (newest first)
+        or ``after`` (oldest first) for the next page; None on the last page. Keyed by time rather than
+        position, so jobs expiring meanwhile shift nothing."""
+        types = {job_type} if isinstance(job_type, JobType) else None if job_type is None else set(job_type)
         found: list[JobRecord] = []
         upper = "+inf" if before is None else f"({before!r}"
+        lower = "-inf" if after is None else f"({after!r}"
         while True:
-            entries = cast(
-                list[tuple[bytes, float]],
-                self.redis.zrevrangebyscore(self._index, upper, "-inf", start=0, num=batch, withscores=True),
-            )
+            if oldest_first:
+                entries = cast(
+                    list[tuple[bytes, float]],
+                    self.redis.zrangebyscore(self._index, lower, upper, start=0, num=batch, withscores=True),
+                )
+            else:
+                entries = cast(
+                    list[tuple[bytes, float]],
+                    self.redis.zrevrangebyscore(
+                        self._index, upper, lower, start=0, num=batch, withscores=True
+                    ),
+                )
             if not entries:
                 return found, None
             records = self._records([member.decode() for member, _ in entries])
@@ -272,12 +286,20 @@ class JobStore:
                 if (
                     record is not None
                     and (status is None or record.status == status)
-                    and (job_type is None or record.type == job_type)
+                    and (types is None or record.type in types)
                 ):
                     found.append(record)
                     if len(found) == limit:
                         return found, score
-            upper = f"({entries[-1][1]!r}"
+            if oldest_first:
+                lower = f"({entries[-1][1]!r}"
+            else:
+                upper = f"({entries[-1][1]!r}"
+
+    def created_score(self, job_id: str) -> float | None:
+        """The job's creation time as the listing index holds it (a page cursor); None if not indexed."""
+        score = self.redis.zscore(self._index, job_id)
+        return None if score is None else float(score)
 
     def _records(self, ids: list[str]) -> list[JobRecord | None]:
         with self.redis.pipeline(transaction=False) as pipe:
@@ -303,7 +325,11 @@ class JobStore:
         self._progress(keys=[self._job_key(job_id)], args=[percent])
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.redis.hget(self._job_key(job_id), "cancel_requested") == b"1"
+        """The job was asked to stop: canceled while running, or its record deleted (``delete``)."""
+        flag, status = cast(
+            list[bytes | None], self.redis.hmget(self._job_key(job_id), "cancel_requested", "status")
+        )
+        return flag == b"1" or status is None
 
     def finish(
         self,
@@ -345,6 +371,15 @@ class JobStore:
         if not status:
             raise JobNotFound(job_id)
         return JobStatus(status.decode())
+
+    def delete(self, job_id: str) -> bool:
+        """Remove the record and its index entry; False if there was none. A worker still running the
+        job reads the missing record as a cancel request (``cancel_requested``) and stops."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._job_key(job_id))
+            pipe.zrem(self._index, job_id)
+            removed, _ = pipe.execute()
+        return bool(removed)
 
     def lost_jobs(self) -> list[str]:
         """Running jobs whose heartbeat expired."""

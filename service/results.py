@@ -1,7 +1,9 @@
 """Where job files live under ``results_dir`` and how expired ones are removed.
 
 ``jobs/{id}/video.mp4`` and ``jobs/{id}/result.json`` are written by the worker under a temporary name
-and renamed, so a reader sees a whole file or none. ``uploads/{id}.upload`` holds a caption job's input.
+and renamed, so a reader sees a whole file or none; so is ``jobs/{id}/thumbnail.jpg``, which the gateway
+makes from the video's first frame the first time it is asked for. ``uploads/{id}.upload`` holds a
+caption job's input.
 A job's files are deleted once its record expired from Redis (``result_ttl_seconds`` after it finished).
 """
 
@@ -52,21 +54,37 @@ class ResultFiles:
     def upload(self, job_id: str) -> Path:
         return self.uploads_dir / f"{job_id}.upload"
 
+    def thumbnail(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "thumbnail.jpg"
+
     def write_json(self, job_id: str, payload: dict[str, Any]) -> Path:
         """Write result.json atomically (temporary file in the same directory, then rename)."""
-        target = self.result_json(job_id)
+        text = json.dumps(payload, ensure_ascii=False, indent=2)
+        return self._write_atomic(self.result_json(job_id), text.encode("utf-8"))
+
+    def write_thumbnail(self, job_id: str, jpeg: bytes) -> Path:
+        return self._write_atomic(self.thumbnail(job_id), jpeg)
+
+    @staticmethod
+    def _write_atomic(target: Path, data: bytes) -> Path:
+        """Temporary file in the target's directory, then rename: readers see the whole file or none."""
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".result-", suffix=".tmp", dir=target.parent)
+            fd, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".tmp", dir=target.parent)
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(payload, handle, ensure_ascii=False, indent=2)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
                 os.replace(temporary, target)
             finally:
                 Path(temporary).unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"could not write {target}: {exc}") from exc
         return target
+
+    def remove_job(self, job_id: str) -> None:
+        """Delete every file of a job: its results folder and its upload."""
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        self.remove_upload(job_id)
 
     def remove_upload(self, job_id: str) -> None:
         self.upload(job_id).unlink(missing_ok=True)

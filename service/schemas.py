@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, create_model
 
 from service.settings import Settings
 
@@ -128,12 +128,23 @@ def build_request_models(settings: Settings) -> RequestModels:
     )
 
 
+MODEL_ALIAS = "univigu"
+"""A model name that always means the served model (OpenAI-compatible ``model`` fields)."""
+
+
 class ServedModel(BaseModel):
     """What the workers serve, as each worker publishes it at start: its name and sampling defaults."""
 
     preset: str | None = Field(description="The model's preset (tiny, toy, wan2.1-1.3b), when known.")
     max_caption_tokens: int = Field(description="The longest caption (max_tokens) the model accepts.")
     defaults: dict[str, Any] = Field(description="Values used for options a request leaves out.")
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="The model's name in the OpenAI-compatible API: univigu-<preset>, or univigu."
+    )
+    @property
+    def id(self) -> str:
+        return f"{MODEL_ALIAS}-{self.preset}" if self.preset else MODEL_ALIAS
 
 
 class ErrorInfo(BaseModel):

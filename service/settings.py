@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = Field(
         86400, ge=1, description="How long an Idempotency-Key is remembered."
     )
+    chat_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How long POST /v1/chat/completions waits for its caption job; then 504 naming the "
+        "job, which keeps running.",
+    )
 
     # --- request limits (validated at the edge; None fields use the model's defaults) --------------------
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")

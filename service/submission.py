@@ -1,14 +1,24 @@
-"""Submitting and canceling jobs: the gateway's use cases over the job store and the queue."""
+"""The gateway's use cases over the job store, the queue and the result files: submitting, reading,
+listing, canceling and deleting jobs, and finding their video. The native routes and the
+OpenAI-compatible layer (``service.openai``) both call these, so both report a job the same way.
+
+Every read on behalf of a caller goes through :func:`read_record` (one job) or :func:`list_records`
+(pages): ``scope`` is the caller's scope from the API key (``service.dependencies``), and these two are
+the one place that decides which jobs a caller may see.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import uuid
+from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 from fastapi import Response
 
+from model.media import VideoLimits, probe_video
 from service.dependencies import Services
 from service.errors import ApiError
 from service.jobs import Idempotency, Submission
@@ -53,6 +63,38 @@ def submit(
     )
 
 
+def submit_caption(
+    services: Services,
+    params: dict[str, Any],
+    *,
+    job_id: str,
+    scope: str,
+    idempotency_key: str | None,
+    sha256: str,
+) -> Submission:
+    """Probe the video already stored at ``files.upload(job_id)`` and submit its caption job.
+
+    The upload is removed when anything fails and when an Idempotency-Key replays an earlier job (whose
+    own upload is the one that counts); ``sha256`` (of the video) is part of that key's fingerprint."""
+    try:
+        probe_video(services.files.upload(job_id), VideoLimits(max_bytes=services.settings.max_upload_bytes))
+        submission = submit(
+            services,
+            JobType.caption,
+            params,
+            job_id=job_id,
+            scope=scope,
+            idempotency_key=idempotency_key,
+            fingerprint_extra=sha256,
+        )
+    except Exception:  # not a handler: the upload is removed and the error propagates to the mapping
+        services.files.remove_upload(job_id)
+        raise
+    if not submission.created:
+        services.files.remove_upload(job_id)
+    return submission
+
+
 def check_against_served_model(services: Services, params: dict[str, Any]) -> None:
     """Refuse a caption length the served model cannot produce, before the job reaches the queue."""
     tokens = params.get("max_tokens")
@@ -74,16 +116,58 @@ def job_view(services: Services, record: JobRecord) -> Job:
     return Job.from_record(record, queue_position=position)
 
 
-def read_job(services: Services, job_id: str) -> Job:
-    """One job with its queue position, in one Redis round trip (the hot path of polling clients)."""
-    record, position = services.store.get_with_position(job_id, services.queue.key)
+def read_record(services: Services, scope: str, job_id: str) -> tuple[JobRecord, int | None]:
+    """The job ``job_id`` as the caller ``scope`` may see it, with its queue position while queued, in
+    one Redis round trip (the hot path of polling clients). JobNotFound when unknown or expired.
+
+    Every route that reads, downloads, cancels or deletes a job on a caller's behalf, native or
+    OpenAI-compatible, reads it here first."""
+    return services.store.get_with_position(job_id, services.queue.key)
+
+
+def read_job(services: Services, scope: str, job_id: str) -> Job:
+    record, position = read_record(services, scope, job_id)
     return Job.from_record(record, queue_position=position)
 
 
+def list_records(
+    services: Services,
+    scope: str,
+    *,
+    status: JobStatus | None = None,
+    job_types: Collection[JobType] | None = None,
+    before: float | None = None,
+    after: float | None = None,
+    oldest_first: bool = False,
+    limit: int,
+) -> tuple[list[JobRecord], float | None]:
+    """A page of the jobs the caller ``scope`` may see (see ``JobStore.page`` for the cursor)."""
+    return services.store.page(
+        status=status,
+        job_type=job_types,
+        before=before,
+        after=after,
+        oldest_first=oldest_first,
+        limit=limit,
+    )
+
+
 def list_page(
-    services: Services, status: JobStatus | None, job_type: JobType | None, before: float | None, limit: int
+    services: Services,
+    scope: str,
+    status: JobStatus | None,
+    job_type: JobType | None,
+    before: float | None,
+    limit: int,
 ) -> JobPage:
-    records, next_cursor = services.store.page(status=status, job_type=job_type, before=before, limit=limit)
+    records, next_cursor = list_records(
+        services,
+        scope,
+        status=status,
+        job_types=None if job_type is None else (job_type,),
+        before=before,
+        limit=limit,
+    )
     return JobPage(
         jobs=[job_view(services, record) for record in records],
         next_cursor=None if next_cursor is None else repr(next_cursor),
@@ -99,16 +183,55 @@ def accepted(services: Services, submission: Submission, response: Response) -> 
     return job_view(services, submission.record)
 
 
-def cancel(services: Services, job_id: str) -> Job:
-    """Queued: canceled now and never run. Running: stops at its next denoising step. Finished: 409."""
-    before = services.store.cancel(job_id)
-    record = services.store.get(job_id)
+def _cancel(services: Services, record: JobRecord) -> JobStatus:
+    """Cancel (queued) or flag (running) a job; returns its status before. A queued job also leaves the
+    queue and loses its upload."""
+    before = services.store.cancel(record.id)
     if before == JobStatus.queued:
-        services.queue.remove(job_id)
-        services.files.remove_upload(job_id)
+        services.queue.remove(record.id)
+        services.files.remove_upload(record.id)
         services.metrics.jobs_finished.labels(record.type.value, JobStatus.canceled.value).inc()
-    elif before.terminal:
+    return before
+
+
+def cancel(services: Services, scope: str, job_id: str) -> Job:
+    """Queued: canceled now and never run. Running: stops at its next denoising step. Finished: 409."""
+    record, _ = read_record(services, scope, job_id)
+    before = _cancel(services, record)
+    if before.terminal:
         raise ApiError(
             409, "job_finished", f"job {job_id} already {before.value}; nothing to cancel", param="id"
         )
-    return job_view(services, record)
+    return job_view(services, services.store.get(job_id))
+
+
+def delete(services: Services, scope: str, job_id: str) -> JobRecord:
+    """Cancel the job if it has not finished, then delete its record and every file it has.
+
+    A queued job leaves the queue; a running one stops at its next denoising step (its worker reads the
+    missing record as a cancel request and drops its outcome). Afterwards the job answers 404 everywhere.
+    A file its worker was writing at that very moment has no record left, so the periodic clean-up
+    (``ResultFiles.clean_expired``) removes it. Returns the record as it was read before the delete."""
+    record, _ = read_record(services, scope, job_id)
+    if not record.status.terminal:
+        _cancel(services, record)
+    services.store.delete(job_id)
+    services.files.remove_job(job_id)
+    return record
+
+
+def video_file(services: Services, record: JobRecord) -> Path:
+    """The MP4 of a succeeded generate or joint job (read through ``read_record``); 404 or 409 otherwise."""
+    if record.type == JobType.caption:
+        raise ApiError(404, "no_video", "caption jobs have no video; see /result", param="id")
+    succeeded(record)
+    path = services.files.video(record.id)
+    if not path.is_file():
+        raise ApiError(404, "result_expired", f"the video of job {record.id} was deleted", param="id")
+    return path
+
+
+def succeeded(record: JobRecord) -> None:
+    """409 unless the job succeeded (its outputs exist only then)."""
+    if record.status != JobStatus.succeeded:
+        raise ApiError(409, "job_not_succeeded", f"job {record.id} is {record.status.value}", param="id")

@@ -11,7 +11,7 @@ from redis import Redis
 
 from service.jobs import JobStore
 from service.redis_server import RedisServer
-from service.schemas import ErrorInfo, JobResult, JobStatus
+from service.schemas import ErrorInfo, JobResult, JobStatus, JobType
 
 
 @pytest.fixture
@@ -91,3 +91,47 @@ def test_pages_stay_stable_when_jobs_expire_in_between(store: JobStore) -> None:
     last, cursor = store.page(status=None, job_type=None, before=cursor, limit=2)
     assert [record.id for record in last] == ["job0"]
     assert cursor is None
+
+
+def test_pages_oldest_first_after_a_cursor_and_by_several_types(store: JobStore) -> None:
+    for index in range(4):
+        queued(store, f"job{index}")
+    store.create(
+        "cap",
+        JobType.caption,
+        {},
+        idempotency=None,
+        idempotency_ttl_seconds=60,
+        enqueue=lambda pipeline: None,
+        admit=lambda: None,
+        queue_key="unused-queue",
+    )
+    videos = (JobType.generate, JobType.joint)
+    oldest, cursor = store.page(status=None, job_type=videos, before=None, limit=2, oldest_first=True)
+    assert [record.id for record in oldest] == ["job0", "job1"]
+    assert cursor == store.created_score("job1")
+    rest, _ = store.page(status=None, job_type=videos, before=None, after=cursor, limit=10, oldest_first=True)
+    assert [record.id for record in rest] == ["job2", "job3"]  # the caption job is left out
+    newest, _ = store.page(status=None, job_type=None, before=None, limit=10)
+    assert [record.id for record in newest] == ["cap", "job3", "job2", "job1", "job0"]
+    between, _ = store.page(
+        status=None,
+        job_type=None,
+        before=store.created_score("job3"),
+        after=store.created_score("job0"),
+        limit=10,
+    )
+    assert [record.id for record in between] == ["job2", "job1"]
+    assert store.created_score("nope") is None
+
+
+def test_delete_removes_the_record_and_a_running_worker_reads_it_as_a_cancel(store: JobStore) -> None:
+    job_id = queued(store)
+    store.start(job_id, "w1")
+    assert not store.cancel_requested(job_id)
+    assert store.delete(job_id)
+    assert store.find(job_id) is None and store.created_score(job_id) is None
+    assert store.cancel_requested(job_id), "the worker must stop a job whose record is gone"
+    assert not store.finish(job_id, JobStatus.canceled), "a deleted job is not recreated by its worker"
+    assert store.find(job_id) is None and store.running_count() == 0
+    assert not store.delete(job_id)

@@ -208,5 +208,7 @@ class JobRunner:
             self.metrics.jobs_finished.labels(record.type.value, outcome.status.value).inc()
         else:
             log.warning(
-                "job %s was no longer running (reaped?); outcome %s dropped", record.id, outcome.status
+                "job %s was no longer running (reaped or deleted); outcome %s dropped",
+                record.id,
+                outcome.status,
             )

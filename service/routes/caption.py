@@ -9,11 +9,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from model.media import VideoLimits, probe_video
 from service.dependencies import ClientScope, IdempotencyKey, Services, ServicesDep
 from service.routes._responses import SUBMIT_ERRORS
-from service.schemas import Job, JobType, RequestModels
-from service.submission import accepted, new_job_id, submit
+from service.schemas import Job, RequestModels
+from service.submission import accepted, new_job_id, submit_caption
 from service.uploads import FILE_FIELD, receive_upload
 
 
@@ -70,23 +69,18 @@ def build_router(models: RequestModels) -> APIRouter:
         )
         try:
             params = _validate_options(services, upload.fields)
-            limits = VideoLimits(max_bytes=services.settings.max_upload_bytes)
-            await run_in_threadpool(probe_video, upload.path, limits)
-            submission = await run_in_threadpool(
-                submit,
-                services,
-                JobType.caption,
-                params,
-                job_id=job_id,
-                scope=scope,
-                idempotency_key=idempotency_key,
-                fingerprint_extra=upload.sha256,
-            )
         except Exception:  # not a handler: the upload is removed and the error propagates to the mapping
             await run_in_threadpool(services.files.remove_upload, job_id)
             raise
-        if not submission.created:
-            await run_in_threadpool(services.files.remove_upload, job_id)
+        submission = await run_in_threadpool(
+            submit_caption,
+            services,
+            params,
+            job_id=job_id,
+            scope=scope,
+            idempotency_key=idempotency_key,
+            sha256=upload.sha256,
+        )
         return await run_in_threadpool(accepted, services, submission, response)
 
     return router

@@ -11,8 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from service.dependencies import ClientScope, ServicesDep
 from service.errors import ApiError
 from service.routes._responses import READ_ERRORS
-from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType
-from service.submission import cancel, list_page, read_job
+from service.schemas import Job, JobPage, JobStatus, JobType
+from service.submission import cancel, list_page, read_job, read_record, succeeded, video_file
 
 router = APIRouter(tags=["jobs"])
 
@@ -27,7 +27,7 @@ VIDEO_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.get("/jobs", response_model=JobPage, responses=READ_ERRORS)
 async def list_jobs(
     services: ServicesDep,
-    _: ClientScope,
+    scope: ClientScope,
     status: JobStatus | None = None,
     job_type: Annotated[JobType | None, Query(alias="type", description="Job type.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
@@ -36,24 +36,19 @@ async def list_jobs(
     ] = None,
 ) -> JobPage:
     """Recent jobs, newest first, optionally only one status and/or type."""
-    return await run_in_threadpool(list_page, services, status, job_type, cursor, limit)
+    return await run_in_threadpool(list_page, services, scope, status, job_type, cursor, limit)
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=READ_ERRORS)
-async def get_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
-    return await run_in_threadpool(read_job, services, job_id)
+async def get_job(job_id: JobId, services: ServicesDep, scope: ClientScope) -> Job:
+    return await run_in_threadpool(read_job, services, scope, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, responses=READ_ERRORS)
-async def cancel_job(job_id: JobId, services: ServicesDep, _: ClientScope) -> Job:
+async def cancel_job(job_id: JobId, services: ServicesDep, scope: ClientScope) -> Job:
     """A queued job is canceled and never runs; a running one stops at its next denoising step
     (its status turns canceled then); a finished job answers 409."""
-    return await run_in_threadpool(cancel, services, job_id)
-
-
-def _succeeded(record: JobRecord) -> None:
-    if record.status != JobStatus.succeeded:
-        raise ApiError(409, "job_not_succeeded", f"job {record.id} is {record.status.value}", param="id")
+    return await run_in_threadpool(cancel, services, scope, job_id)
 
 
 @router.get(
@@ -61,24 +56,22 @@ def _succeeded(record: JobRecord) -> None:
     response_class=FileResponse,
     responses={**VIDEO_RESPONSES, **READ_ERRORS},
 )
-def get_video(job_id: JobId, services: ServicesDep, _: ClientScope) -> FileResponse:
+def get_video(job_id: JobId, services: ServicesDep, scope: ClientScope) -> FileResponse:
     """The MP4 of a generate or joint job; supports Range requests (seeking)."""
-    record = services.store.get(job_id)
-    if record.type == JobType.caption:
-        raise ApiError(404, "no_video", "caption jobs have no video; see /result", param="id")
-    _succeeded(record)
-    path = services.files.video(job_id)
-    if not path.is_file():
-        raise ApiError(404, "result_expired", f"the video of job {job_id} was deleted", param="id")
+    record, _ = read_record(services, scope, job_id)
     return FileResponse(
-        path, media_type="video/mp4", filename=f"{job_id}.mp4", content_disposition_type="inline"
+        video_file(services, record),
+        media_type="video/mp4",
+        filename=f"{job_id}.mp4",
+        content_disposition_type="inline",
     )
 
 
 @router.get("/jobs/{job_id}/result", response_class=FileResponse, responses=READ_ERRORS)
-def get_result(job_id: JobId, services: ServicesDep, _: ClientScope) -> FileResponse:
+def get_result(job_id: JobId, services: ServicesDep, scope: ClientScope) -> FileResponse:
     """The result JSON (caption, tokens, parameters used, output sizes)."""
-    _succeeded(services.store.get(job_id))
+    record, _ = read_record(services, scope, job_id)
+    succeeded(record)
     path = services.files.result_json(job_id)
     if not path.is_file():
         raise ApiError(404, "result_expired", f"the result of job {job_id} was deleted", param="id")

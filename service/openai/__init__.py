@@ -1,0 +1,30 @@
+"""The OpenAI-compatible layer under ``/v1/``: a thin layer over the native job system.
+
+- ``/v1/videos`` (``videos``): OpenAI's video resource over generate and joint jobs.
+- ``/v1/chat/completions`` (``chat``): captioning one video sent as a ``video_url`` data URL.
+- ``/v1/models`` (``models``): the served model.
+
+Same queue, same workers, same records as the native API: every route calls the use cases in
+``service.submission``. Errors under ``/v1/`` are written in OpenAI's shape (``errors.render_openai``);
+the statuses and codes are the gateway's own (``service.errors``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from service.openai import chat, models, videos
+from service.openai.errors import render_openai
+
+PREFIX = "/v1"
+
+__all__ = ["PREFIX", "build_router", "render_openai"]
+
+
+def build_router(dependencies: list[Any] | None = None) -> APIRouter:
+    router = APIRouter(prefix=PREFIX, dependencies=dependencies or [])
+    for module in (videos, chat, models):
+        router.include_router(module.router)
+    return router
