@@ -40,6 +40,9 @@ def _add_video_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, help="4k+1 frames")
     parser.add_argument("--fps", type=int, help="frame rate of the MP4")
     parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument(
+        "--step-cache", type=float, help="opt-in first-block step cache threshold, e.g. 0.1 (default off)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,6 +113,7 @@ def _video_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "seed": args.seed,
+        "step_cache": args.step_cache,
     }
 
 

@@ -45,9 +45,12 @@ from model.samplers import (
     make_video_sampler,
     uniform_tokens,
 )
+from model.step_cache import FirstBlockCache, check_threshold
 from model.text import TextSide, build_tiny_encoder, build_tiny_tokenizer, load_encoder, load_tokenizer
 
 ProgressCallback = Callable[[int, int], None]
+Denoiser = UniViGUTransformer | FirstBlockCache
+"""What a denoising loop calls: the transformer itself or a step cache around it (same signature)."""
 CancelCheck = Callable[[], bool]
 
 PIPELINE_FILE = "univigu.json"
@@ -65,6 +68,7 @@ class VideoResult:
     frames: np.ndarray  # (T, H, W, 3) uint8
     fps: int
     seed: int
+    skipped_steps: int = 0  # steps whose later blocks the step cache replaced
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class JointResult:
     text: str
     tokens: list[int]
     seed: int
+    skipped_steps: int = 0  # steps whose later blocks the step cache replaced
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class VideoRequest:
     fps: int
     steps: int
     guidance_scale: float
+    step_cache: float | None = None  # first-block cache threshold; None: off
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -340,12 +346,16 @@ class UniViGUPipeline:
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int | None = None,
+        step_cache: float | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> VideoResult:
-        """Text-to-video: the prompt is held clean in the text stream; the video is denoised with guidance."""
+        """Text-to-video: the prompt is held clean in the text stream; the video is denoised with guidance.
+
+        ``step_cache``: opt-in threshold of the first-block step cache (:mod:`model.step_cache`); None is off.
+        """
         # 1. Check inputs.
-        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale)
+        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale, step_cache)
         seed, generator = self._seeded(seed)
         # 2. Encode the prompt: the clean text stream, the condition and the unconditional condition.
         # The authors pad the stream to a fixed length under a key mask; padding is then invisible to
@@ -357,14 +367,17 @@ class UniViGUPipeline:
         sampler = make_video_sampler(self.video_sampler, request.steps)
         latent = self._initial_latent(request, generator)
         zero = torch.zeros(1, device=self.device)
+        network = self._denoiser(request)
         # 4. Denoise.
         for index, time in enumerate(sampler.timesteps):
             _check_cancel(should_cancel)
-            velocity, _ = self._guided(latent, tokens, time.view(1), zero, cond, uncond, request, False)
+            velocity, _ = self._guided(
+                network, latent, tokens, time.view(1), zero, cond, uncond, request, False
+            )
             latent = sampler.step(velocity, index, latent)
             _report(progress, index + 1, request.steps)
         # 5. Decode.
-        return VideoResult(self._decode(latent), request.fps, seed)
+        return VideoResult(self._decode(latent), request.fps, seed, _skipped_steps(network))
 
     @torch.inference_mode()
     def caption(
@@ -421,12 +434,16 @@ class UniViGUPipeline:
         guidance_scale: float | None = None,
         seed: int | None = None,
         max_tokens: int | None = None,
+        step_cache: float | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> JointResult:
-        """A video and its description together: both streams start from noise and share one clock."""
+        """A video and its description together: both streams start from noise and share one clock.
+
+        ``step_cache`` as in :meth:`generate`; the final clean pass always runs every block.
+        """
         # 1. Check inputs.
-        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale)
+        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale, step_cache)
         length = self._caption_length(max_tokens)
         seed, generator = self._seeded(seed)
         # 2. Encode the prompt.
@@ -435,11 +452,14 @@ class UniViGUPipeline:
         sampler = make_video_sampler(self.video_sampler, request.steps)
         latent = self._initial_latent(request, generator)
         tokens = uniform_tokens(1, length, self.transformer.config.vocab_size, self.device, generator)
+        network = self._denoiser(request)
         # 4. Denoise both streams; the text time is the video time of the step.
         for index, time in enumerate(sampler.timesteps):
             _check_cancel(should_cancel)
             times = time.view(1)
-            velocity, logits = self._guided(latent, tokens, times, times, cond, uncond, request, True)
+            velocity, logits = self._guided(
+                network, latent, tokens, times, times, cond, uncond, request, True
+            )
             latent = sampler.step(velocity, index, latent)
             tokens = joint_text_update(logits, index, request.steps, tokens, generator)
             _report(progress, index + 1, request.steps)
@@ -447,7 +467,9 @@ class UniViGUPipeline:
         zero = torch.zeros(1, device=self.device)
         _, logits = self.transformer(latent, tokens, zero, zero, cond, compute_velocity=False)
         ids = logits.argmax(dim=-1)[0].tolist()
-        return JointResult(self._decode(latent), request.fps, self.text.decode(ids), ids, seed)
+        return JointResult(
+            self._decode(latent), request.fps, self.text.decode(ids), ids, seed, _skipped_steps(network)
+        )
 
     # ------------------------------------------------------------------ steps shared by the modes
 
@@ -459,6 +481,7 @@ class UniViGUPipeline:
         fps: int | None,
         steps: int | None,
         guidance_scale: float | None,
+        step_cache: float | None = None,
     ) -> VideoRequest:
         d = self.defaults
         return VideoRequest(
@@ -473,7 +496,14 @@ class UniViGUPipeline:
                 0.0,
                 MAX_GUIDANCE,
             ),
+            step_cache=None if step_cache is None else check_threshold(step_cache),
         )
+
+    def _denoiser(self, request: VideoRequest) -> Denoiser:
+        """The transformer, or a fresh step cache around it when the request asks for one."""
+        if request.step_cache is None:
+            return self.transformer
+        return FirstBlockCache(self.transformer, request.step_cache)
 
     def _caption_length(self, max_tokens: int | None) -> int:
         length = self.defaults.caption_tokens if max_tokens is None else max_tokens
@@ -516,6 +546,7 @@ class UniViGUPipeline:
 
     def _guided(
         self,
+        network: Denoiser,
         latent: torch.Tensor,
         tokens: torch.Tensor,
         time_v: torch.Tensor,
@@ -530,8 +561,8 @@ class UniViGUPipeline:
         ``latent (1, C, f, h, w)``, ``tokens (1, L)`` -> ``(velocity (1, C, f, h, w), logits (1, L, V) | None)``.
         """
         if uncond is None:
-            return self.transformer(latent, tokens, time_v, time_t, cond, compute_logits=want_logits)
-        velocity, logits = self.transformer(
+            return network(latent, tokens, time_v, time_t, cond, compute_logits=want_logits)
+        velocity, logits = network(
             latent.expand(2, -1, -1, -1, -1),
             tokens.expand(2, -1),
             time_v.expand(2),
@@ -568,6 +599,10 @@ class UniViGUPipeline:
         """Raw latent ``(1, C, f, h, w)`` -> uint8 frames ``(T, H, W, 3)``."""
         pixels = self.vae.decode(latent.float()).sample[0].clamp(-1.0, 1.0)  # (3, T, H, W)
         return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _skipped_steps(network: Denoiser) -> int:
+    return network.stats.skipped if isinstance(network, FirstBlockCache) else 0
 
 
 def _check_cancel(should_cancel: CancelCheck | None) -> None:

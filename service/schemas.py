@@ -63,6 +63,13 @@ class VideoOptions(_Params):
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance scale.")
     seed: int | None = SEED
+    step_cache: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Opt-in step cache: skip the later blocks on steps whose first-block residual changed "
+        "by less than this fraction (0.05-0.2 typical; faster, slightly different video). Omitted: off.",
+    )
 
 
 class GenerateParams(VideoOptions):
