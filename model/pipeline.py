@@ -168,8 +168,12 @@ class UniViGUPipeline:
         device: str | torch.device = "cpu",
         attention_backend: str | None = None,
         video_sampler: VideoSamplerName = "euler",
+        compile: bool = False,
     ) -> UniViGUPipeline:
-        """Exactly one source: a ``preset``, our ``weights`` folder, or a ``wan`` folder (+ ``checkpoint``)."""
+        """Exactly one source: a ``preset``, our ``weights`` folder, or a ``wan`` folder (+ ``checkpoint``).
+
+        ``compile`` compiles the transformer's blocks (:meth:`UniViGUTransformer.compile_blocks`).
+        """
         given = [name for name, value in (("preset", preset), ("weights", weights), ("wan", wan)) if value]
         if len(given) != 1:
             raise InvalidParameterError(
@@ -188,6 +192,8 @@ class UniViGUPipeline:
             pipe.transformer.set_attention_backend(attention_backend)
         make_video_sampler(video_sampler, 1)  # rejects an unknown name now rather than at the first job
         pipe.video_sampler = video_sampler
+        if compile:
+            pipe.transformer.compile_blocks()
         return pipe
 
     @classmethod

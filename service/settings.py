@@ -102,6 +102,16 @@ class Settings(BaseSettings):
     video_sampler: Literal["euler", "unipc"] = Field(
         "euler", description="Video sampler: euler (the authors' shifted Euler) or unipc."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer blocks (static shapes, one graph for all blocks). For CUDA.",
+    )
+    warmup_steps: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="Steps of the warm-up jobs (each mode at the default size) run before taking jobs; 0: none.",
+    )
     worker_metrics_port: int = Field(
         9100, ge=0, le=65535, description="Each worker's Prometheus port; 0: off."
     )

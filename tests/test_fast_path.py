@@ -1,0 +1,89 @@
+"""The GPU fast path, checked on the CPU: compiled blocks, the worker warm-up, attention backend
+selection and VAE tiling. Every change is compared with the plain path within a stated tolerance."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from model.config import get_preset
+from model.network import UniViGUTransformer
+from model.pipeline import UniViGUPipeline
+from worker.loading import WARMUP_PROMPT, warm_up
+
+CONFIG = dataclasses.replace(get_preset("tiny").transformer, num_layers=3, vocab_size=50)
+COMPILED_TOLERANCE = 1e-5
+"""Compiled against eager in float32: inductor fuses and reorders element-wise work (measured 5e-7)."""
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Each test counts its own graphs; compiled code of earlier tests is dropped."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def inputs(seed: int, text_tokens: int = 6) -> tuple[torch.Tensor, ...]:
+    """``(x_v (2, C, 2, 4, 4), x_t (2, L), time_v (2,), time_t (2,), cond (2, 8, text_dim))``."""
+    generator = torch.Generator().manual_seed(seed)
+    x_v = torch.randn(2, CONFIG.in_channels, 2, 4, 4, generator=generator)
+    x_t = torch.randint(0, CONFIG.vocab_size, (2, text_tokens), generator=generator)
+    cond = torch.randn(2, 8, CONFIG.text_dim, generator=generator)
+    time = torch.rand(2, generator=generator) * 1000
+    return x_v, x_t, time, time.flip(0), cond
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_blocks_match_eager_share_one_graph_and_do_not_recompile(backend: str) -> None:
+    torch.manual_seed(0)
+    network = UniViGUTransformer(CONFIG).eval().requires_grad_(False)
+    with torch.inference_mode():
+        eager = network(*inputs(0))
+        network.compile_blocks(backend)
+        compiled = network(*inputs(0))
+        assert counters["stats"]["unique_graphs"] == 1  # three blocks, one graph
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = network(*inputs(1))  # same shapes, other values and times: no new graph
+            with pytest.raises(Exception, match="[Rr]ecompil"):
+                network(*inputs(1, text_tokens=7))  # a new sequence length does compile again
+    assert network.compiled
+    for plain, fast in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(fast, plain, rtol=COMPILED_TOLERANCE, atol=COMPILED_TOLERANCE)
+    torch._dynamo.reset()
+    network_eager = UniViGUTransformer(CONFIG).eval().requires_grad_(False)
+    network_eager.load_state_dict(network.state_dict())
+    with torch.inference_mode():
+        expected = network_eager(*inputs(1))
+    for plain, fast in zip(expected, again, strict=True):
+        torch.testing.assert_close(fast, plain, rtol=COMPILED_TOLERANCE, atol=COMPILED_TOLERANCE)
+
+
+def test_load_with_compile_compiles_the_blocks() -> None:
+    assert UniViGUPipeline.load(preset="tiny", compile=True).transformer.compiled
+    assert not UniViGUPipeline.load(preset="tiny").transformer.compiled
+
+
+def test_warm_up_compiles_every_mode_so_requests_of_the_default_shape_do_not_recompile() -> None:
+    pipe = UniViGUPipeline.from_preset("tiny")
+    pipe.transformer.compile_blocks("aot_eager")  # inductor would work too, only slower to build
+    seconds = warm_up(pipe, steps=1)
+    assert list(seconds) == ["generate", "joint", "caption"]
+    assert all(value > 0 for value in seconds.values())
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3  # guided generate, guided joint, captioning (and joint's clean pass)
+
+    d = pipe.defaults
+    same_length = " ".join(["blue"] * len(WARMUP_PROMPT.split()))  # as many tokens as the warm-up prompt
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        video = pipe.generate(same_length, steps=2, seed=5)
+        pipe.joint("a cat", steps=2, seed=5)
+        pipe.caption(np.full((d.num_frames, d.height, d.width, 3), 90, np.uint8), steps=2, seed=5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert video.frames.shape == (d.num_frames, d.height, d.width, 3)
