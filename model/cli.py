@@ -26,7 +26,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--null-prompt", type=Path, help="precomputed empty-prompt umT5 embedding (with --wan)"
     )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default cpu)")
-    parser.add_argument("--attention-backend", help="diffusers attention backend: native, flash, sage ...")
+    parser.add_argument(
+        "--attention-backend", help="diffusers attention backend: auto, native, flash, sage ..."
+    )
     parser.add_argument("--sampler", default="euler", choices=["euler", "unipc"], help="video sampler")
     parser.add_argument("--seed", type=int, help="random seed (drawn and reported when omitted)")
     parser.add_argument("--steps", type=int, help="denoising steps (model default when omitted)")

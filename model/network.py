@@ -44,6 +44,10 @@ MASKED_ATTENTION_BACKENDS = frozenset(
 )
 """Attention backends that honour a key padding mask; the flash and sage kernels do not."""
 
+AUTO_ATTENTION_CANDIDATES = ("_flash_3", "flash", "sage")
+"""What ``auto`` tries on CUDA, in order: FlashAttention 3, FlashAttention 2, SageAttention (installed
+packages only; diffusers' ``*_hub`` kernels would need a download at run time)."""
+
 RotaryTable = tuple[torch.Tensor, torch.Tensor]
 """``(cos, sin)``, each ``(S, head_dim)``."""
 
@@ -62,6 +66,48 @@ class PassState:
     temb_v: torch.Tensor  # (B, D)
     temb_t: torch.Tensor  # (B, D)
     grid: tuple[int, int, int]  # (f, h, w) in patches
+
+
+def _backend_name(backend: str) -> AttentionBackendName:
+    """diffusers' enum member for ``backend``; :class:`AttentionBackendError` listing the choices otherwise."""
+    try:
+        return AttentionBackendName(backend.lower())
+    except ValueError:
+        allowed = sorted(b.value for b in AttentionBackendName if not b.value.startswith("_"))
+        raise AttentionBackendError(
+            f"unknown attention backend {backend!r}; choose one of {allowed} or auto"
+        ) from None
+
+
+def _missing_requirement(backend: AttentionBackendName) -> str | None:
+    """Why diffusers cannot run ``backend`` here (a missing or too old package), or None."""
+    try:
+        _check_attention_backend_requirements(backend)
+    except (RuntimeError, ImportError) as error:
+        return str(error)
+    return None
+
+
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> the first usable of :data:`AUTO_ATTENTION_CANDIDATES` on CUDA, else ``native`` (torch's
+    SDPA, which picks its own flash/memory-efficient/math kernel); any other name is returned checked.
+
+    Raises :class:`AttentionBackendError` for an unknown name or one whose package is missing.
+    """
+    if backend.lower() == "auto":
+        usable = [
+            name
+            for name in AUTO_ATTENTION_CANDIDATES
+            if device.type == "cuda" and _missing_requirement(AttentionBackendName(name)) is None
+        ]
+        return usable[0] if usable else AttentionBackendName.NATIVE.value
+    name = _backend_name(backend)
+    problem = _missing_requirement(name)
+    if problem is not None:
+        raise AttentionBackendError(
+            f"attention backend {name.value!r} is not usable here ({problem}); use auto or native"
+        )
+    return name.value
 
 
 class ModalityTimeEmbedding(nn.Module):
@@ -285,16 +331,15 @@ class UniViGUTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.vocab_embed.weight.dtype
 
+    @property
+    def attention_backend(self) -> str:
+        """The diffusers dispatch backend every attention uses ("native" unless set)."""
+        return self._attention_backend
+
     def set_attention_backend(self, backend: str) -> None:
-        """Route every attention through diffusers' dispatch ``backend`` ("native", "flash", "sage", ...)."""
-        try:
-            name = AttentionBackendName(backend.lower())
-        except ValueError:
-            allowed = sorted(b.value for b in AttentionBackendName if not b.value.startswith("_"))
-            raise AttentionBackendError(
-                f"unknown attention backend {backend!r}; choose one of {allowed}"
-            ) from None
-        _check_attention_backend_requirements(name)
+        """Route every attention through diffusers' dispatch ``backend`` ("native", "flash", "sage", ...);
+        ``auto`` picks one for this network's device (:func:`resolve_attention_backend`)."""
+        name = AttentionBackendName(resolve_attention_backend(backend, self.device))
         for module in self.modules():
             if isinstance(module, WanAttention):
                 module.processor._attention_backend = name

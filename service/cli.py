@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--wan", type=Path, help="a Wan2.1 Diffusers folder (with --checkpoint)")
     worker.add_argument("--checkpoint", type=Path, help="the Uni-ViGU checkpoint for --wan")
     worker.add_argument("--null-prompt", type=Path, help="precomputed empty-prompt embedding for --wan")
-    worker.add_argument("--attention-backend", help="diffusers attention backend: native, flash, sage ...")
+    worker.add_argument("--attention-backend", help="auto (default), native, flash, sage ...")
     worker.add_argument("--sampler", dest="video_sampler", choices=["euler", "unipc"], help="video sampler")
     worker.add_argument(
         "--compile",

@@ -141,6 +141,8 @@ class ServedModel(BaseModel):
     preset: str | None = Field(description="The model's preset (tiny, toy, wan2.1-1.3b), when known.")
     max_caption_tokens: int = Field(description="The longest caption (max_tokens) the model accepts.")
     defaults: dict[str, Any] = Field(description="Values used for options a request leaves out.")
+    attention_backend: str | None = Field(None, description="The attention kernel the workers use.")
+    compiled: bool = Field(False, description="Whether the workers run torch.compile'd transformer blocks.")
 
 
 class ErrorInfo(BaseModel):

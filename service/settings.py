@@ -96,8 +96,10 @@ class Settings(BaseSettings):
         None,
         description="Precomputed empty-prompt umT5 embedding for `wan` (computed once at start if unset).",
     )
-    attention_backend: str | None = Field(
-        None, description="diffusers attention backend of the worker: native (default), flash, sage, ..."
+    attention_backend: str = Field(
+        "auto",
+        description="diffusers attention backend of the worker: auto (FlashAttention 3 or 2, else SageAttention, "
+        "where installed on CUDA; SDPA otherwise), native (SDPA), flash, sage, ... An unusable one stops the worker.",
     )
     video_sampler: Literal["euler", "unipc"] = Field(
         "euler", description="Video sampler: euler (the authors' shifted Euler) or unipc."

@@ -4,17 +4,22 @@ selection and VAE tiling. Every change is compared with the plain path within a 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_dispatch import AttentionBackendName
 from torch._dynamo.utils import counters
 
+from model import network as network_module
 from model.config import get_preset
-from model.network import UniViGUTransformer
+from model.errors import AttentionBackendError
+from model.network import UniViGUTransformer, resolve_attention_backend
 from model.pipeline import UniViGUPipeline
-from worker.loading import WARMUP_PROMPT, warm_up
+from service.settings import Settings
+from worker.loading import WARMUP_PROMPT, ModelSpec, describe_model, load_pipeline, warm_up
 
 CONFIG = dataclasses.replace(get_preset("tiny").transformer, num_layers=3, vocab_size=50)
 COMPILED_TOLERANCE = 1e-5
@@ -87,3 +92,40 @@ def test_warm_up_compiles_every_mode_so_requests_of_the_default_shape_do_not_rec
         pipe.caption(np.full((d.num_frames, d.height, d.width, 3), 90, np.uint8), steps=2, seed=5)
     assert counters["stats"]["unique_graphs"] == graphs
     assert video.frames.shape == (d.num_frames, d.height, d.width, 3)
+
+
+def test_auto_attention_is_sdpa_on_the_cpu_and_is_shown_to_the_gateway() -> None:
+    pipe = load_pipeline(ModelSpec(device="cpu", preset="tiny", attention_backend="auto"))
+    assert pipe.transformer.attention_backend == "native"
+    served = describe_model(pipe)
+    assert (served.attention_backend, served.compiled) == ("native", False)
+
+
+def test_auto_attention_on_cuda_takes_the_first_installed_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")  # only names are resolved: no GPU is touched
+    installed: set[str] = set()
+
+    def missing(backend: AttentionBackendName) -> str | None:
+        return None if backend.value in installed else "not installed"
+
+    monkeypatch.setattr(network_module, "_missing_requirement", missing)
+    assert resolve_attention_backend("auto", cuda) == "native"
+    installed.add("sage")
+    assert resolve_attention_backend("auto", cuda) == "sage"
+    installed.add("flash")
+    assert resolve_attention_backend("auto", cuda) == "flash"
+    assert resolve_attention_backend("AUTO", torch.device("cpu")) == "native"
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [("warp-drive", "unknown attention backend 'warp-drive'"), ("flash", "'flash' is not usable here")],
+)
+def test_an_unknown_or_uninstalled_attention_backend_stops_the_worker_at_start(
+    backend: str, message: str
+) -> None:
+    if backend == "flash" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    spec = ModelSpec.from_settings(Settings(preset="tiny", attention_backend=backend))
+    with pytest.raises(AttentionBackendError, match=message):
+        load_pipeline(spec)

@@ -117,4 +117,6 @@ def describe_model(pipeline: UniViGUPipeline) -> ServedModel:
         preset=pipeline.preset,
         max_caption_tokens=pipeline.defaults.max_caption_tokens,
         defaults=dataclasses.asdict(pipeline.defaults),
+        attention_backend=pipeline.transformer.attention_backend,
+        compiled=pipeline.transformer.compiled,
     )

@@ -90,7 +90,11 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     started = time.monotonic()
     pipeline = load_pipeline(spec)
     metrics.model_load.set(time.monotonic() - started)
-    log.info("model loaded in %.1f s", time.monotonic() - started)
+    log.info(
+        "model loaded in %.1f s; attention backend %s",
+        time.monotonic() - started,
+        pipeline.transformer.attention_backend,
+    )
     if settings.warmup_steps:
         seconds = warm_up(pipeline, settings.warmup_steps)
         metrics.warmup.set(sum(seconds.values()))
