@@ -34,7 +34,7 @@ from model.checkpoint import (
     save_transformer,
     wan_to_univigu,
 )
-from model.config import SamplingDefaults, UniViGUConfig, get_preset
+from model.config import SamplingDefaults, UniViGUConfig, VaeTiling, get_preset
 from model.errors import Canceled, CheckpointError, InvalidParameterError
 from model.network import UniViGUTransformer
 from model.samplers import (
@@ -147,6 +147,7 @@ class UniViGUPipeline:
         self.video_sampler: VideoSamplerName = video_sampler
         self.base_wan_dir = base_wan_dir
         self.preset = preset
+        self.vae_tiling = VaeTiling()
         if len(text.tokenizer) > transformer.config.vocab_size:
             raise CheckpointError(
                 f"the tokenizer has {len(text.tokenizer)} tokens but the transformer's vocabulary has "
@@ -169,10 +170,12 @@ class UniViGUPipeline:
         attention_backend: str | None = None,
         video_sampler: VideoSamplerName = "euler",
         compile: bool = False,
+        vae_tiling: VaeTiling | None = None,
     ) -> UniViGUPipeline:
         """Exactly one source: a ``preset``, our ``weights`` folder, or a ``wan`` folder (+ ``checkpoint``).
 
-        ``compile`` compiles the transformer's blocks (:meth:`UniViGUTransformer.compile_blocks`).
+        ``compile`` compiles the transformer's blocks (:meth:`UniViGUTransformer.compile_blocks`);
+        ``vae_tiling`` replaces the default :class:`VaeTiling`.
         """
         given = [name for name, value in (("preset", preset), ("weights", weights), ("wan", wan)) if value]
         if len(given) != 1:
@@ -194,6 +197,8 @@ class UniViGUPipeline:
         pipe.video_sampler = video_sampler
         if compile:
             pipe.transformer.compile_blocks()
+        if vae_tiling is not None:
+            pipe.vae_tiling = vae_tiling
         return pipe
 
     @classmethod
@@ -596,13 +601,24 @@ class UniViGUPipeline:
 
         return read_video(video, height=d.height, width=d.width, fps=d.fps, max_frames=d.num_frames)
 
+    def _set_vae_tiling(self, height: int, width: int) -> None:
+        """Tile the next VAE pass when a ``height x width`` video is above :attr:`vae_tiling`'s threshold."""
+        tiling = self.vae_tiling
+        if tiling.applies(height, width):
+            self.vae.enable_tiling(tiling.tile, tiling.tile, tiling.stride, tiling.stride)
+        else:
+            self.vae.disable_tiling()
+
     def _encode_video(self, frames: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """uint8 ``(T, H, W, 3)`` -> a posterior sample of the raw VAE latent ``(1, C, f, H/8, W/8)``."""
         pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        self._set_vae_tiling(pixels.shape[-2], pixels.shape[-1])
         return self.vae.encode(pixels).latent_dist.sample(generator)
 
     def _decode(self, latent: torch.Tensor) -> np.ndarray:
         """Raw latent ``(1, C, f, h, w)`` -> uint8 frames ``(T, H, W, 3)``."""
+        scale = self.vae.spatial_compression_ratio
+        self._set_vae_tiling(scale * latent.shape[-2], scale * latent.shape[-1])
         pixels = self.vae.decode(latent.float()).sample[0].clamp(-1.0, 1.0)  # (3, T, H, W)
         return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         False,
         description="torch.compile the transformer blocks (static shapes, one graph for all blocks). For CUDA.",
     )
+    vae_tiling_min_pixels: int = Field(
+        1280 * 720,
+        ge=0,
+        description="The VAE works in overlapping 256-pixel tiles when height x width exceeds this (bounds its "
+        "memory at large sizes; close to, not equal to, untiled); 0: always.",
+    )
     warmup_steps: int = Field(
         2,
         ge=0,

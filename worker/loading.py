@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.config import VaeTiling
 from service.schemas import ServedModel
 from service.settings import Settings
 
@@ -38,6 +39,7 @@ class ModelSpec:
     attention_backend: str | None = None
     video_sampler: str = "euler"
     compile: bool = False
+    vae_tiling_min_pixels: int = VaeTiling.min_pixels
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec:
@@ -51,6 +53,7 @@ class ModelSpec:
             settings.attention_backend,
             settings.video_sampler,
             settings.compile,
+            settings.vae_tiling_min_pixels,
         )
         spec.check()
         return spec
@@ -86,6 +89,7 @@ def load_pipeline(spec: ModelSpec) -> UniViGUPipeline:
         attention_backend=spec.attention_backend,
         video_sampler=spec.video_sampler,  # type: ignore[arg-type]  # checked by Settings
         compile=spec.compile,
+        vae_tiling=VaeTiling(min_pixels=spec.vae_tiling_min_pixels),
     )
 
 
