@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 from model import network as network_module
 from model.config import VaeTiling, get_preset
 from model.errors import AttentionBackendError
+from model.media import psnr
 from model.network import UniViGUTransformer, resolve_attention_backend
 from model.pipeline import UniViGUPipeline
 from service.settings import Settings
@@ -131,19 +132,15 @@ def test_an_unknown_or_uninstalled_attention_backend_stops_the_worker_at_start(
         load_pipeline(spec)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 videos, in dB."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def test_vae_tiling_applies_above_its_pixel_area() -> None:
     tiling = VaeTiling()
     assert not tiling.applies(480, 832) and not tiling.applies(720, 1280)
     assert tiling.applies(720, 1296)
     assert VaeTiling(min_pixels=0).applies(16, 16)
     spec = ModelSpec.from_settings(Settings(preset="tiny", vae_tiling_min_pixels=0))
-    assert load_pipeline(spec).vae_tiling == VaeTiling(min_pixels=0)  # the worker setting reaches the pipeline
+    assert load_pipeline(spec).vae_tiling == VaeTiling(
+        min_pixels=0
+    )  # the worker setting reaches the pipeline
 
 
 def test_tiled_vae_decode_is_close_to_the_untiled_one() -> None:
