@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
-from benchmarks import caption_sampler, end_to_end, fast_path, step_cache, transformer_step
+from benchmarks import caption_sampler, end_to_end, fast_path, step_cache, transformer_step, vae_tiling
 from model.samplers import MixturePathTextSampler
 
 
@@ -243,3 +243,30 @@ def test_step_cache_benchmark_reports_skips_speed_up_and_psnr() -> None:
     for row in result["rows"]:
         assert_number(row["loop_s"], positive=True)
         assert row["call_s"] > row["loop_s"]
+
+
+def test_vae_tiling_benchmark_compares_tiled_with_untiled() -> None:
+    args = vae_tiling.parser().parse_args(
+        [
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--frames",
+            "5",
+            "--tile",
+            "48",
+            "--stride",
+            "32",
+            "--repeats",
+            "1",
+        ]
+    )
+    result = vae_tiling.run(args)
+
+    untiled, tiled = result["rows"]
+    assert (untiled["way"], untiled["ratio"], untiled["psnr_db"]) == ("untiled", 1.0, math.inf)
+    assert tiled["way"] == "tiled" and 0 < tiled["psnr_db"] < math.inf  # tiles did run, and differ a little
+    for row in result["rows"]:
+        assert_number(row["decode_s"], positive=True)
+        assert row["peak_mib"] is None or row["peak_mib"] >= 0
