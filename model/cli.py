@@ -26,7 +26,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--null-prompt", type=Path, help="precomputed empty-prompt umT5 embedding (with --wan)"
     )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default cpu)")
-    parser.add_argument("--attention-backend", help="diffusers attention backend: native, flash, sage ...")
+    parser.add_argument(
+        "--attention-backend", help="diffusers attention backend: auto, native, flash, sage ..."
+    )
     parser.add_argument("--sampler", default="euler", choices=["euler", "unipc"], help="video sampler")
     parser.add_argument("--seed", type=int, help="random seed (drawn and reported when omitted)")
     parser.add_argument("--steps", type=int, help="denoising steps (model default when omitted)")
@@ -40,6 +42,9 @@ def _add_video_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, help="4k+1 frames")
     parser.add_argument("--fps", type=int, help="frame rate of the MP4")
     parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument(
+        "--step-cache", type=float, help="opt-in first-block step cache threshold, e.g. 0.1 (default off)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,6 +115,7 @@ def _video_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "seed": args.seed,
+        "step_cache": args.step_cache,
     }
 
 

@@ -135,6 +135,24 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
+class VaeTiling:
+    """When and how the VAE encodes and decodes in overlapping spatial tiles (diffusers' ``enable_tiling``).
+
+    Tiles bound the VAE's activation memory at large sizes, for some extra time. Neighbouring tiles
+    overlap by ``tile - stride`` pixels and are blended linearly, so the result is close to, not equal
+    to, an untiled pass. Sizes are in pixels, multiples of 8 (the VAE's spatial compression).
+    """
+
+    min_pixels: int = 1280 * 720
+    """Tiles are used when ``height * width`` exceeds this (above 720p by default); 0: always."""
+    tile: int = 256
+    stride: int = 192
+
+    def applies(self, height: int, width: int) -> bool:
+        return height * width > self.min_pixels
+
+
+@dataclass(frozen=True)
 class SamplingDefaults:
     """What a call uses when the caller leaves a parameter out."""
 

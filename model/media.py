@@ -311,3 +311,9 @@ def first_frame_jpeg(
         log = proc.stderr.decode("utf-8", "replace")
         raise InvalidVideoError(f"could not decode the first frame of {path.name!r} ({_ffmpeg_error(log)})")
     return proc.stdout
+
+
+def psnr(video: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of uint8 frames ``(T, H, W, 3)`` against a reference; inf when equal."""
+    mse = float(np.mean((video.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)

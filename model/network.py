@@ -14,6 +14,8 @@ about sampling: it maps noisy inputs and times to a video velocity and text logi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +44,70 @@ MASKED_ATTENTION_BACKENDS = frozenset(
 )
 """Attention backends that honour a key padding mask; the flash and sage kernels do not."""
 
+AUTO_ATTENTION_CANDIDATES = ("_flash_3", "flash", "sage")
+"""What ``auto`` tries on CUDA, in order: FlashAttention 3, FlashAttention 2, SageAttention (installed
+packages only; diffusers' ``*_hub`` kernels would need a download at run time)."""
+
 RotaryTable = tuple[torch.Tensor, torch.Tensor]
 """``(cos, sin)``, each ``(S, head_dim)``."""
+
+
+@dataclass(frozen=True)
+class PassState:
+    """What every block and the heads of one forward pass share, computed once by ``embed``."""
+
+    context: torch.Tensor  # (B, Lc, D) projected umT5 prompt
+    modulation_v: torch.Tensor  # (B, 6, D)
+    modulation_t: torch.Tensor  # (B, 6, D)
+    num_video: int  # Nv
+    video_rope: RotaryTable  # each (Nv, head_dim)
+    text_rope: RotaryTable  # each (L, head_dim)
+    key_mask: torch.Tensor | None  # (B, 1, 1, Nv + L) bool, None when nothing is padded
+    temb_v: torch.Tensor  # (B, D)
+    temb_t: torch.Tensor  # (B, D)
+    grid: tuple[int, int, int]  # (f, h, w) in patches
+
+
+def _backend_name(backend: str) -> AttentionBackendName:
+    """diffusers' enum member for ``backend``; :class:`AttentionBackendError` listing the choices otherwise."""
+    try:
+        return AttentionBackendName(backend.lower())
+    except ValueError:
+        allowed = sorted(b.value for b in AttentionBackendName if not b.value.startswith("_"))
+        raise AttentionBackendError(
+            f"unknown attention backend {backend!r}; choose one of {allowed} or auto"
+        ) from None
+
+
+def _missing_requirement(backend: AttentionBackendName) -> str | None:
+    """Why diffusers cannot run ``backend`` here (a missing or too old package), or None."""
+    try:
+        _check_attention_backend_requirements(backend)
+    except (RuntimeError, ImportError) as error:
+        return str(error)
+    return None
+
+
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> the first usable of :data:`AUTO_ATTENTION_CANDIDATES` on CUDA, else ``native`` (torch's
+    SDPA, which picks its own flash/memory-efficient/math kernel); any other name is returned checked.
+
+    Raises :class:`AttentionBackendError` for an unknown name or one whose package is missing.
+    """
+    if backend.lower() == "auto":
+        usable = [
+            name
+            for name in AUTO_ATTENTION_CANDIDATES
+            if device.type == "cuda" and _missing_requirement(AttentionBackendName(name)) is None
+        ]
+        return usable[0] if usable else AttentionBackendName.NATIVE.value
+    name = _backend_name(backend)
+    problem = _missing_requirement(name)
+    if problem is not None:
+        raise AttentionBackendError(
+            f"attention backend {name.value!r} is not usable here ({problem}); use auto or native"
+        )
+    return name.value
 
 
 class ModalityTimeEmbedding(nn.Module):
@@ -256,6 +320,7 @@ class UniViGUTransformer(nn.Module):
         self.video_head = VideoHead(dim, config.out_channels * math.prod(config.patch_size), config.eps)
         self.text_head = TextHead(dim, config.vocab_size)
         self.gradient_checkpointing = False
+        self.compiled = False
         self._attention_backend: str = AttentionBackendName.NATIVE.value
 
     @property
@@ -266,16 +331,15 @@ class UniViGUTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.vocab_embed.weight.dtype
 
+    @property
+    def attention_backend(self) -> str:
+        """The diffusers dispatch backend every attention uses ("native" unless set)."""
+        return self._attention_backend
+
     def set_attention_backend(self, backend: str) -> None:
-        """Route every attention through diffusers' dispatch ``backend`` ("native", "flash", "sage", ...)."""
-        try:
-            name = AttentionBackendName(backend.lower())
-        except ValueError:
-            allowed = sorted(b.value for b in AttentionBackendName if not b.value.startswith("_"))
-            raise AttentionBackendError(
-                f"unknown attention backend {backend!r}; choose one of {allowed}"
-            ) from None
-        _check_attention_backend_requirements(name)
+        """Route every attention through diffusers' dispatch ``backend`` ("native", "flash", "sage", ...);
+        ``auto`` picks one for this network's device (:func:`resolve_attention_backend`)."""
+        name = AttentionBackendName(resolve_attention_backend(backend, self.device))
         for module in self.modules():
             if isinstance(module, WanAttention):
                 module.processor._attention_backend = name
@@ -293,6 +357,102 @@ class UniViGUTransformer(nn.Module):
         video_keys = text_mask.new_ones(text_mask.shape[0], num_video, dtype=torch.bool)
         return torch.cat([video_keys, text_mask.bool()], dim=1)[:, None, None, :]
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """Regional compilation: ``torch.compile`` each block with static shapes (``dynamic=False``).
+
+        Every block runs the same code on inputs of the same shapes, so all of them share one compiled
+        graph (parameters are graph inputs, not constants): compiling costs about one block, and a
+        later call with the same shapes reuses the graph. A new sequence length, batch size or
+        padding mask compiles once more. Meant for CUDA; on the CPU inductor needs a C++ compiler.
+        """
+        for block in self.blocks:
+            block.compile(dynamic=False, backend=backend)
+        self.compiled = True
+
+    def embed(
+        self,
+        x_v: torch.Tensor,
+        x_t: torch.Tensor,
+        time_v: torch.Tensor,
+        time_t: torch.Tensor,
+        cond: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PassState]:
+        """Tokens and everything the blocks and heads share -> ``(hidden (B, Nv + L, D), state)``.
+
+        Inputs as in :meth:`forward`.
+        """
+        _, _, frames, height, width = x_v.shape
+        p_t, p_h, p_w = self.config.patch_size
+
+        # 1. Tokens and rotary tables.
+        video_cos, video_sin = self.rope(x_v)  # each (1, Nv, 1, hd)
+        video = self.patch_embedding(x_v.to(self.dtype)).flatten(2).transpose(1, 2)  # (B, Nv, D)
+        text = self.vocab_embed(x_t)  # (B, L, D)
+        num_video = video.shape[1]
+        hidden = torch.cat([video, text], dim=1).contiguous()  # (B, Nv + L, D)
+
+        # 2. Prompt projection and per-modality time embeddings.
+        temb_v, modulation_v = self.time_embedding_v(time_v)  # (B, D), (B, 6, D)
+        temb_t, modulation_t = self.time_embedding_t(time_t)
+        state = PassState(
+            context=self.cond_text_embedder(cond.to(self.dtype)),  # (B, Lc, D)
+            modulation_v=modulation_v,
+            modulation_t=modulation_t,
+            num_video=num_video,
+            video_rope=(video_cos[0, :, 0], video_sin[0, :, 0]),
+            text_rope=self.rotary_emb_text(x_t.shape[1]),
+            key_mask=self._key_mask(text_mask, num_video),
+            temb_v=temb_v,
+            temb_t=temb_t,
+            grid=(frames // p_t, height // p_h, width // p_w),
+        )
+        return hidden, state
+
+    def run_blocks(
+        self, hidden: torch.Tensor, state: PassState, blocks: Iterable[UniViGUBlock] | None = None
+    ) -> torch.Tensor:
+        """``hidden (B, Nv + L, D)`` through ``blocks`` (default: all of them, in order) -> the same shape."""
+        for block in self.blocks if blocks is None else blocks:
+            args = (
+                hidden,
+                state.context,
+                state.modulation_v,
+                state.modulation_t,
+                state.num_video,
+                state.video_rope,
+                state.text_rope,
+                state.key_mask,
+            )
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(block, *args, use_reentrant=False)
+            else:
+                hidden = block(*args)
+        return hidden
+
+    def heads(
+        self,
+        hidden: torch.Tensor,
+        state: PassState,
+        *,
+        compute_velocity: bool = True,
+        compute_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The last blocks' ``hidden (B, Nv + L, D)`` -> ``(velocity (B, C, f, h, w), logits (B, L, V))``."""
+        velocity = logits = None
+        num_video = state.num_video
+        if compute_velocity:
+            shift, scale = (self.scale_shift_table_v + state.temb_v.float()[:, None]).chunk(
+                2, dim=1
+            )  # (B, 1, D)
+            patches = self.video_head(hidden[:, :num_video], shift, scale)  # (B, Nv, pt*ph*pw*C)
+            patches = patches.reshape(hidden.shape[0], *state.grid, *self.config.patch_size, -1)
+            velocity = patches.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if compute_logits:
+            shift, scale = (self.scale_shift_table_t + state.temb_t.float()[:, None]).chunk(2, dim=1)
+            logits = self.text_head(hidden[:, num_video:], shift, scale).float()  # (B, L, V)
+        return velocity, logits
+
     def forward(
         self,
         x_v: torch.Tensor,
@@ -305,7 +465,7 @@ class UniViGUTransformer(nn.Module):
         compute_velocity: bool = True,
         compute_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One denoising pass over both streams.
+        """One denoising pass over both streams: :meth:`embed`, :meth:`run_blocks`, :meth:`heads`.
 
         Args:
             x_v: ``(B, C, f, h, w)`` noisy video latent.
@@ -317,41 +477,6 @@ class UniViGUTransformer(nn.Module):
         Returns:
             ``(velocity (B, C, f, h, w), logits (B, L, V) float32)``; a skipped head gives None.
         """
-        batch, _, frames, height, width = x_v.shape
-        p_t, p_h, p_w = self.config.patch_size
-        grid = (frames // p_t, height // p_h, width // p_w)
-
-        # 1. Tokens and rotary tables.
-        video_cos, video_sin = self.rope(x_v)  # each (1, Nv, 1, hd)
-        video_rope = (video_cos[0, :, 0], video_sin[0, :, 0])
-        video = self.patch_embedding(x_v.to(self.dtype)).flatten(2).transpose(1, 2)  # (B, Nv, D)
-        text = self.vocab_embed(x_t)  # (B, L, D)
-        num_video = video.shape[1]
-        text_rope = self.rotary_emb_text(x_t.shape[1])
-        hidden = torch.cat([video, text], dim=1).contiguous()  # (B, Nv + L, D)
-        key_mask = self._key_mask(text_mask, num_video)
-
-        # 2. Prompt projection and per-modality time embeddings.
-        context = self.cond_text_embedder(cond.to(self.dtype))  # (B, Lc, D)
-        temb_v, modulation_v = self.time_embedding_v(time_v)  # (B, D), (B, 6, D)
-        temb_t, modulation_t = self.time_embedding_t(time_t)
-
-        # 3. Blocks.
-        for block in self.blocks:
-            args = (hidden, context, modulation_v, modulation_t, num_video, video_rope, text_rope, key_mask)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                hidden = checkpoint(block, *args, use_reentrant=False)
-            else:
-                hidden = block(*args)
-
-        # 4. Heads.
-        velocity = logits = None
-        if compute_velocity:
-            shift, scale = (self.scale_shift_table_v + temb_v.float()[:, None]).chunk(2, dim=1)  # (B, 1, D)
-            patches = self.video_head(hidden[:, :num_video], shift, scale)  # (B, Nv, pt*ph*pw*C)
-            patches = patches.reshape(batch, *grid, p_t, p_h, p_w, -1)
-            velocity = patches.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        if compute_logits:
-            shift, scale = (self.scale_shift_table_t + temb_t.float()[:, None]).chunk(2, dim=1)
-            logits = self.text_head(hidden[:, num_video:], shift, scale).float()  # (B, L, V)
-        return velocity, logits
+        hidden, state = self.embed(x_v, x_t, time_v, time_t, cond, text_mask)
+        hidden = self.run_blocks(hidden, state)
+        return self.heads(hidden, state, compute_velocity=compute_velocity, compute_logits=compute_logits)

@@ -34,7 +34,7 @@ from model.checkpoint import (
     save_transformer,
     wan_to_univigu,
 )
-from model.config import SamplingDefaults, UniViGUConfig, get_preset
+from model.config import SamplingDefaults, UniViGUConfig, VaeTiling, get_preset
 from model.errors import Canceled, CheckpointError, InvalidParameterError
 from model.network import UniViGUTransformer
 from model.samplers import (
@@ -45,9 +45,12 @@ from model.samplers import (
     make_video_sampler,
     uniform_tokens,
 )
+from model.step_cache import FirstBlockCache, check_threshold
 from model.text import TextSide, build_tiny_encoder, build_tiny_tokenizer, load_encoder, load_tokenizer
 
 ProgressCallback = Callable[[int, int], None]
+Denoiser = UniViGUTransformer | FirstBlockCache
+"""What a denoising loop calls: the transformer itself or a step cache around it (same signature)."""
 CancelCheck = Callable[[], bool]
 
 PIPELINE_FILE = "univigu.json"
@@ -65,6 +68,7 @@ class VideoResult:
     frames: np.ndarray  # (T, H, W, 3) uint8
     fps: int
     seed: int
+    skipped_steps: int = 0  # steps whose later blocks the step cache replaced
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class JointResult:
     text: str
     tokens: list[int]
     seed: int
+    skipped_steps: int = 0  # steps whose later blocks the step cache replaced
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class VideoRequest:
     fps: int
     steps: int
     guidance_scale: float
+    step_cache: float | None = None  # first-block cache threshold; None: off
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -141,6 +147,7 @@ class UniViGUPipeline:
         self.video_sampler: VideoSamplerName = video_sampler
         self.base_wan_dir = base_wan_dir
         self.preset = preset
+        self.vae_tiling = VaeTiling()
         if len(text.tokenizer) > transformer.config.vocab_size:
             raise CheckpointError(
                 f"the tokenizer has {len(text.tokenizer)} tokens but the transformer's vocabulary has "
@@ -162,8 +169,14 @@ class UniViGUPipeline:
         device: str | torch.device = "cpu",
         attention_backend: str | None = None,
         video_sampler: VideoSamplerName = "euler",
+        compile: bool = False,
+        vae_tiling: VaeTiling | None = None,
     ) -> UniViGUPipeline:
-        """Exactly one source: a ``preset``, our ``weights`` folder, or a ``wan`` folder (+ ``checkpoint``)."""
+        """Exactly one source: a ``preset``, our ``weights`` folder, or a ``wan`` folder (+ ``checkpoint``).
+
+        ``compile`` compiles the transformer's blocks (:meth:`UniViGUTransformer.compile_blocks`);
+        ``vae_tiling`` replaces the default :class:`VaeTiling`.
+        """
         given = [name for name, value in (("preset", preset), ("weights", weights), ("wan", wan)) if value]
         if len(given) != 1:
             raise InvalidParameterError(
@@ -182,6 +195,10 @@ class UniViGUPipeline:
             pipe.transformer.set_attention_backend(attention_backend)
         make_video_sampler(video_sampler, 1)  # rejects an unknown name now rather than at the first job
         pipe.video_sampler = video_sampler
+        if compile:
+            pipe.transformer.compile_blocks()
+        if vae_tiling is not None:
+            pipe.vae_tiling = vae_tiling
         return pipe
 
     @classmethod
@@ -340,12 +357,16 @@ class UniViGUPipeline:
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int | None = None,
+        step_cache: float | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> VideoResult:
-        """Text-to-video: the prompt is held clean in the text stream; the video is denoised with guidance."""
+        """Text-to-video: the prompt is held clean in the text stream; the video is denoised with guidance.
+
+        ``step_cache``: opt-in threshold of the first-block step cache (:mod:`model.step_cache`); None is off.
+        """
         # 1. Check inputs.
-        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale)
+        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale, step_cache)
         seed, generator = self._seeded(seed)
         # 2. Encode the prompt: the clean text stream, the condition and the unconditional condition.
         # The authors pad the stream to a fixed length under a key mask; padding is then invisible to
@@ -357,14 +378,17 @@ class UniViGUPipeline:
         sampler = make_video_sampler(self.video_sampler, request.steps)
         latent = self._initial_latent(request, generator)
         zero = torch.zeros(1, device=self.device)
+        network = self._denoiser(request)
         # 4. Denoise.
         for index, time in enumerate(sampler.timesteps):
             _check_cancel(should_cancel)
-            velocity, _ = self._guided(latent, tokens, time.view(1), zero, cond, uncond, request, False)
+            velocity, _ = self._guided(
+                network, latent, tokens, time.view(1), zero, cond, uncond, request, False
+            )
             latent = sampler.step(velocity, index, latent)
             _report(progress, index + 1, request.steps)
         # 5. Decode.
-        return VideoResult(self._decode(latent), request.fps, seed)
+        return VideoResult(self._decode(latent), request.fps, seed, _skipped_steps(network))
 
     @torch.inference_mode()
     def caption(
@@ -421,12 +445,16 @@ class UniViGUPipeline:
         guidance_scale: float | None = None,
         seed: int | None = None,
         max_tokens: int | None = None,
+        step_cache: float | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> JointResult:
-        """A video and its description together: both streams start from noise and share one clock."""
+        """A video and its description together: both streams start from noise and share one clock.
+
+        ``step_cache`` as in :meth:`generate`; the final clean pass always runs every block.
+        """
         # 1. Check inputs.
-        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale)
+        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale, step_cache)
         length = self._caption_length(max_tokens)
         seed, generator = self._seeded(seed)
         # 2. Encode the prompt.
@@ -435,11 +463,14 @@ class UniViGUPipeline:
         sampler = make_video_sampler(self.video_sampler, request.steps)
         latent = self._initial_latent(request, generator)
         tokens = uniform_tokens(1, length, self.transformer.config.vocab_size, self.device, generator)
+        network = self._denoiser(request)
         # 4. Denoise both streams; the text time is the video time of the step.
         for index, time in enumerate(sampler.timesteps):
             _check_cancel(should_cancel)
             times = time.view(1)
-            velocity, logits = self._guided(latent, tokens, times, times, cond, uncond, request, True)
+            velocity, logits = self._guided(
+                network, latent, tokens, times, times, cond, uncond, request, True
+            )
             latent = sampler.step(velocity, index, latent)
             tokens = joint_text_update(logits, index, request.steps, tokens, generator)
             _report(progress, index + 1, request.steps)
@@ -447,7 +478,9 @@ class UniViGUPipeline:
         zero = torch.zeros(1, device=self.device)
         _, logits = self.transformer(latent, tokens, zero, zero, cond, compute_velocity=False)
         ids = logits.argmax(dim=-1)[0].tolist()
-        return JointResult(self._decode(latent), request.fps, self.text.decode(ids), ids, seed)
+        return JointResult(
+            self._decode(latent), request.fps, self.text.decode(ids), ids, seed, _skipped_steps(network)
+        )
 
     # ------------------------------------------------------------------ steps shared by the modes
 
@@ -459,6 +492,7 @@ class UniViGUPipeline:
         fps: int | None,
         steps: int | None,
         guidance_scale: float | None,
+        step_cache: float | None = None,
     ) -> VideoRequest:
         d = self.defaults
         return VideoRequest(
@@ -473,7 +507,14 @@ class UniViGUPipeline:
                 0.0,
                 MAX_GUIDANCE,
             ),
+            step_cache=None if step_cache is None else check_threshold(step_cache),
         )
+
+    def _denoiser(self, request: VideoRequest) -> Denoiser:
+        """The transformer, or a fresh step cache around it when the request asks for one."""
+        if request.step_cache is None:
+            return self.transformer
+        return FirstBlockCache(self.transformer, request.step_cache)
 
     def _caption_length(self, max_tokens: int | None) -> int:
         length = self.defaults.caption_tokens if max_tokens is None else max_tokens
@@ -516,6 +557,7 @@ class UniViGUPipeline:
 
     def _guided(
         self,
+        network: Denoiser,
         latent: torch.Tensor,
         tokens: torch.Tensor,
         time_v: torch.Tensor,
@@ -530,8 +572,8 @@ class UniViGUPipeline:
         ``latent (1, C, f, h, w)``, ``tokens (1, L)`` -> ``(velocity (1, C, f, h, w), logits (1, L, V) | None)``.
         """
         if uncond is None:
-            return self.transformer(latent, tokens, time_v, time_t, cond, compute_logits=want_logits)
-        velocity, logits = self.transformer(
+            return network(latent, tokens, time_v, time_t, cond, compute_logits=want_logits)
+        velocity, logits = network(
             latent.expand(2, -1, -1, -1, -1),
             tokens.expand(2, -1),
             time_v.expand(2),
@@ -559,15 +601,30 @@ class UniViGUPipeline:
 
         return read_video(video, height=d.height, width=d.width, fps=d.fps, max_frames=d.num_frames)
 
+    def _set_vae_tiling(self, height: int, width: int) -> None:
+        """Tile the next VAE pass when a ``height x width`` video is above :attr:`vae_tiling`'s threshold."""
+        tiling = self.vae_tiling
+        if tiling.applies(height, width):
+            self.vae.enable_tiling(tiling.tile, tiling.tile, tiling.stride, tiling.stride)
+        else:
+            self.vae.disable_tiling()
+
     def _encode_video(self, frames: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """uint8 ``(T, H, W, 3)`` -> a posterior sample of the raw VAE latent ``(1, C, f, H/8, W/8)``."""
         pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        self._set_vae_tiling(pixels.shape[-2], pixels.shape[-1])
         return self.vae.encode(pixels).latent_dist.sample(generator)
 
     def _decode(self, latent: torch.Tensor) -> np.ndarray:
         """Raw latent ``(1, C, f, h, w)`` -> uint8 frames ``(T, H, W, 3)``."""
+        scale = self.vae.spatial_compression_ratio
+        self._set_vae_tiling(scale * latent.shape[-2], scale * latent.shape[-1])
         pixels = self.vae.decode(latent.float()).sample[0].clamp(-1.0, 1.0)  # (3, T, H, W)
         return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _skipped_steps(network: Denoiser) -> int:
+    return network.stats.skipped if isinstance(network, FirstBlockCache) else 0
 
 
 def _check_cancel(should_cancel: CancelCheck | None) -> None:

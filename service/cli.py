@@ -46,6 +46,8 @@ def _worker(args: argparse.Namespace) -> int:
         "null_prompt",
         "attention_backend",
         "video_sampler",
+        "compile",
+        "warmup_steps",
         "worker_metrics_port",
     )
     settings = load_settings(**_overrides(args, *names))
@@ -93,8 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--wan", type=Path, help="a Wan2.1 Diffusers folder (with --checkpoint)")
     worker.add_argument("--checkpoint", type=Path, help="the Uni-ViGU checkpoint for --wan")
     worker.add_argument("--null-prompt", type=Path, help="precomputed empty-prompt embedding for --wan")
-    worker.add_argument("--attention-backend", help="diffusers attention backend: native, flash, sage ...")
+    worker.add_argument("--attention-backend", help="auto (default), native, flash, sage ...")
     worker.add_argument("--sampler", dest="video_sampler", choices=["euler", "unipc"], help="video sampler")
+    worker.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the blocks (UNIVIGU_COMPILE; for CUDA)",
+    )
+    worker.add_argument("--warmup-steps", type=int, help="steps per warm-up job before serving; 0: none")
     worker.add_argument("--name", help="worker name (default host.pid.device)")
     worker.add_argument("--metrics-port", dest="worker_metrics_port", type=int, help="0 turns it off")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")

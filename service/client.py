@@ -112,6 +112,7 @@ class Client:
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int | None = None,
+        step_cache: float | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Text to video (POST /generate). Returns the queued job; see :meth:`wait`."""
@@ -125,6 +126,7 @@ class Client:
             steps=steps,
             guidance_scale=guidance_scale,
             seed=seed,
+            step_cache=step_cache,
         )
         return self._submit("/generate", idempotency_key, json=body)
 
@@ -141,6 +143,7 @@ class Client:
         guidance_scale: float | None = None,
         seed: int | None = None,
         max_tokens: int | None = None,
+        step_cache: float | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """A video and its caption from one prompt (POST /joint)."""
@@ -155,6 +158,7 @@ class Client:
             guidance_scale=guidance_scale,
             seed=seed,
             max_tokens=max_tokens,
+            step_cache=step_cache,
         )
         return self._submit("/joint", idempotency_key, json=body)
 

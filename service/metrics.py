@@ -115,6 +115,11 @@ class WorkerMetrics:
         self.model_load = Gauge(
             "univigu_model_load_seconds", "Time this worker took to load its model.", registry=self.registry
         )
+        self.warmup = Gauge(
+            "univigu_model_warmup_seconds",
+            "Time this worker's warm-up jobs took after loading (compilation included).",
+            registry=self.registry,
+        )
         self.gpu_memory = Gauge(
             "univigu_gpu_memory_allocated_bytes",
             "CUDA memory allocated by this worker (0 on CPU).",

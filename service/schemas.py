@@ -63,6 +63,13 @@ class VideoOptions(_Params):
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance scale.")
     seed: int | None = SEED
+    step_cache: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Opt-in step cache: skip the later blocks on steps whose first-block residual changed "
+        "by less than this fraction (0.05-0.2 typical; faster, slightly different video). Omitted: off.",
+    )
 
 
 class GenerateParams(VideoOptions):
@@ -138,6 +145,8 @@ class ServedModel(BaseModel):
     preset: str | None = Field(description="The model's preset (tiny, toy, wan2.1-1.3b), when known.")
     max_caption_tokens: int = Field(description="The longest caption (max_tokens) the model accepts.")
     defaults: dict[str, Any] = Field(description="Values used for options a request leaves out.")
+    attention_backend: str | None = Field(None, description="The attention kernel the workers use.")
+    compiled: bool = Field(False, description="Whether the workers run torch.compile'd transformer blocks.")
 
     @computed_field(  # type: ignore[prop-decorator]
         description="The model's name in the OpenAI-compatible API: univigu-<preset>, or univigu."

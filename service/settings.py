@@ -102,11 +102,29 @@ class Settings(BaseSettings):
         None,
         description="Precomputed empty-prompt umT5 embedding for `wan` (computed once at start if unset).",
     )
-    attention_backend: str | None = Field(
-        None, description="diffusers attention backend of the worker: native (default), flash, sage, ..."
+    attention_backend: str = Field(
+        "auto",
+        description="diffusers attention backend of the worker: auto (FlashAttention 3 or 2, else SageAttention, "
+        "where installed on CUDA; SDPA otherwise), native (SDPA), flash, sage, ... An unusable one stops the worker.",
     )
     video_sampler: Literal["euler", "unipc"] = Field(
         "euler", description="Video sampler: euler (the authors' shifted Euler) or unipc."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer blocks (static shapes, one graph for all blocks). For CUDA.",
+    )
+    vae_tiling_min_pixels: int = Field(
+        1280 * 720,
+        ge=0,
+        description="The VAE works in overlapping 256-pixel tiles when height x width exceeds this (bounds its "
+        "memory at large sizes; close to, not equal to, untiled); 0: always.",
+    )
+    warmup_steps: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="Steps of the warm-up jobs (each mode at the default size) run before taking jobs; 0: none.",
     )
     worker_metrics_port: int = Field(
         9100, ge=0, le=65535, description="Each worker's Prometheus port; 0: off."

@@ -24,7 +24,17 @@ from service.settings import load_settings
 if TYPE_CHECKING:  # imported when the command runs: `univigu` itself does not need httpx
     from service.client import Client
 
-VIDEO_OPTIONS = ("negative_prompt", "height", "width", "num_frames", "fps", "steps", "guidance_scale", "seed")
+VIDEO_OPTIONS = (
+    "negative_prompt",
+    "height",
+    "width",
+    "num_frames",
+    "fps",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "step_cache",
+)
 
 
 def _default_url() -> str:
@@ -57,6 +67,7 @@ def register(commands: Any) -> None:
         parser.add_argument("--num-frames", type=int, help="frames, 4k+1")
         parser.add_argument("--fps", type=int)
         parser.add_argument("--guidance-scale", type=float)
+        parser.add_argument("--step-cache", type=float, help="opt-in step-cache threshold, e.g. 0.1 (off)")
         common(parser)
 
     video(kinds.add_parser("generate", help="text to video"))

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
-from benchmarks import caption_sampler, end_to_end, transformer_step
+from benchmarks import caption_sampler, end_to_end, fast_path, step_cache, transformer_step, vae_tiling
 from model.samplers import MixturePathTextSampler
 
 
@@ -177,3 +177,96 @@ def test_end_to_end_tiny_times_every_stage() -> None:
         assert measured == expected[mode] | {"other_s", "total_call_s"}, mode
         for key in measured:
             assert_number(row[key])  # "other" is the call minus disjoint stages inside it: never negative
+
+
+def test_fast_path_variants_are_timed_side_by_side_and_agree_with_eager() -> None:
+    args = fast_path.parser().parse_args(
+        [
+            "--size",
+            "tiny",
+            "--variants",
+            "eager,math,auto,compiled",
+            "--compile-backend",
+            "aot_eager",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+        ]
+    )
+    result = fast_path.run(args)
+
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["eager", "math", "auto", "compiled"]
+    assert [(rows[n]["attention"], rows[n]["compiled"]) for n in rows] == [
+        ("native", False),
+        ("_native_math", False),
+        ("native", False),  # auto on the CPU
+        ("native", True),
+    ]
+    assert rows["eager"]["ratio"] == 1.0 and rows["eager"]["max_abs_diff"] == 0.0
+    for row in rows.values():
+        assert_number(row["step_s"], positive=True)
+        assert_number(row["first_call_s"], positive=True)
+        assert row["ratio_ci"][0] <= row["ratio"] <= row["ratio_ci"][1]
+        assert row["max_abs_diff"] < 1e-5
+
+
+def test_step_cache_benchmark_reports_skips_speed_up_and_psnr() -> None:
+    args = step_cache.parser().parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--thresholds",
+            "0,1",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--frames",
+            "5",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
+    )
+    result = step_cache.run(args)
+
+    uncached, cached = result["rows"]
+    assert (uncached["threshold"], uncached["skipped_steps"], uncached["speed_up"]) == (0.0, 0, 1.0)
+    assert uncached["psnr_db"] == math.inf
+    assert cached["skipped_steps"] == 2  # every step but the first
+    assert_number(cached["psnr_db"], positive=True)
+    for row in result["rows"]:
+        assert_number(row["loop_s"], positive=True)
+        assert row["call_s"] > row["loop_s"]
+
+
+def test_vae_tiling_benchmark_compares_tiled_with_untiled() -> None:
+    args = vae_tiling.parser().parse_args(
+        [
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--frames",
+            "5",
+            "--tile",
+            "48",
+            "--stride",
+            "32",
+            "--repeats",
+            "1",
+        ]
+    )
+    result = vae_tiling.run(args)
+
+    untiled, tiled = result["rows"]
+    assert (untiled["way"], untiled["ratio"], untiled["psnr_db"]) == ("untiled", 1.0, math.inf)
+    assert tiled["way"] == "tiled" and 0 < tiled["psnr_db"] < math.inf  # tiles did run, and differ a little
+    for row in result["rows"]:
+        assert_number(row["decode_s"], positive=True)
+        assert row["peak_mib"] is None or row["peak_mib"] >= 0

@@ -20,8 +20,9 @@ from service.settings import Settings
 pytestmark = pytest.mark.slow
 
 FINISHED = {"succeeded", "failed", "canceled"}
-# Long enough to watch (tens of steps at 64x64 on a CPU), short enough when it runs to the end.
-SLOW_VIDEO = {"height": 64, "width": 64, "num_frames": 17, "steps": 12}
+# Long enough to watch (tens of steps at 64x64 on a CPU, on a worker that warmed up before its first
+# job, so no step pays first-use costs), short enough when it runs to the end.
+SLOW_VIDEO = {"height": 64, "width": 64, "num_frames": 17, "steps": 48}
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +177,8 @@ def test_gateway_and_worker_metrics(live: TestClient) -> None:
     assert 'univigu_job_queue_wait_seconds_count{type="generate"}' in worker
     assert 'univigu_job_run_seconds_count{type="generate"}' in worker
     assert "univigu_model_load_seconds" in worker
+    warmup = [line for line in worker.splitlines() if line.startswith("univigu_model_warmup_seconds ")]
+    assert len(warmup) == 1 and float(warmup[0].split()[1]) > 0  # the worker warmed up before serving
     assert "univigu_worker_busy 0.0" in worker
     assert job_id not in worker
 

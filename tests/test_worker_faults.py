@@ -93,11 +93,13 @@ def test_redis_restart_under_a_running_worker(
 def test_a_job_over_its_timeout_fails_and_the_worker_keeps_serving(
     settings_factory: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
 ) -> None:
-    # Generous for a tiny job on a loaded machine; far too short for 1000 steps anywhere.
+    # Generous for a tiny job on a loaded machine; far too short for 1000 steps at 128x128 (about 30 s on
+    # one thread once the worker has warmed up; 1000 steps at 64x64 take about 7 s, too close to call).
     settings = settings_factory(job_timeout_seconds=6, max_steps=1000)
     with TestClient(create_app(settings)) as client:
         start_worker(settings).wait_ready(client)
-        job_id = client.post("/generate", json={**LONG_JOB, "steps": 1000}).json()["id"]
+        long_job = {**LONG_JOB, "height": 128, "width": 128, "steps": 1000}
+        job_id = client.post("/generate", json=long_job).json()["id"]
         job = wait_for_status(client, job_id, {"failed", "succeeded", "canceled"})
         assert job["status"] == "failed"
         assert job["error"]["code"] == "timeout"

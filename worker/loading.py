@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from model.config import VaeTiling
 from service.schemas import ServedModel
 from service.settings import Settings
 
 if TYPE_CHECKING:
     from model.pipeline import UniViGUPipeline
+
+
+WARMUP_PROMPT = "a red circle moving left"
 
 
 class ModelSpecError(ValueError):
@@ -30,6 +38,8 @@ class ModelSpec:
     null_prompt: Path | None = None
     attention_backend: str | None = None
     video_sampler: str = "euler"
+    compile: bool = False
+    vae_tiling_min_pixels: int = VaeTiling.min_pixels
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec:
@@ -42,6 +52,8 @@ class ModelSpec:
             settings.null_prompt,
             settings.attention_backend,
             settings.video_sampler,
+            settings.compile,
+            settings.vae_tiling_min_pixels,
         )
         spec.check()
         return spec
@@ -61,7 +73,7 @@ class ModelSpec:
             if self.weights
             else f"wan {self.wan} + {self.checkpoint}"
         )
-        return f"{source} on {self.device}"
+        return f"{source} on {self.device}" + (", blocks compiled" if self.compile else "")
 
 
 def load_pipeline(spec: ModelSpec) -> UniViGUPipeline:
@@ -76,7 +88,31 @@ def load_pipeline(spec: ModelSpec) -> UniViGUPipeline:
         device=spec.device,
         attention_backend=spec.attention_backend,
         video_sampler=spec.video_sampler,  # type: ignore[arg-type]  # checked by Settings
+        compile=spec.compile,
+        vae_tiling=VaeTiling(min_pixels=spec.vae_tiling_min_pixels),
     )
+
+
+def warm_up(pipeline: UniViGUPipeline, steps: int) -> dict[str, float]:
+    """Run each mode once at the model's default size with ``steps`` steps; seconds per mode.
+
+    Compilation (with ``compile``), kernel selection and the allocator's growth then happen before the
+    first request. A compiled graph is reused by requests of the same shapes: the default size, the
+    default caption length, and (for ``generate``) a prompt of the warm-up prompt's token count.
+    """
+    d = pipeline.defaults
+    blank = np.zeros((d.num_frames, d.height, d.width, 3), dtype=np.uint8)  # (T, H, W, 3)
+    runs: dict[str, Callable[[], object]] = {
+        "generate": lambda: pipeline.generate(WARMUP_PROMPT, steps=steps, seed=0),
+        "joint": lambda: pipeline.joint(WARMUP_PROMPT, steps=steps, seed=0),
+        "caption": lambda: pipeline.caption(blank, steps=steps, seed=0),
+    }
+    seconds = {}
+    for mode, run in runs.items():
+        started = time.monotonic()
+        run()
+        seconds[mode] = time.monotonic() - started
+    return seconds
 
 
 def describe_model(pipeline: UniViGUPipeline) -> ServedModel:
@@ -85,4 +121,6 @@ def describe_model(pipeline: UniViGUPipeline) -> ServedModel:
         preset=pipeline.preset,
         max_caption_tokens=pipeline.defaults.max_caption_tokens,
         defaults=dataclasses.asdict(pipeline.defaults),
+        attention_backend=pipeline.transformer.attention_backend,
+        compiled=pipeline.transformer.compiled,
     )

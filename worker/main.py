@@ -27,7 +27,7 @@ from service.redis_client import connect_redis, job_queue, job_store
 from service.results import ResultFiles
 from service.settings import Settings
 from worker import jobs
-from worker.loading import ModelSpec, describe_model, load_pipeline
+from worker.loading import ModelSpec, describe_model, load_pipeline, warm_up
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,19 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     started = time.monotonic()
     pipeline = load_pipeline(spec)
     metrics.model_load.set(time.monotonic() - started)
-    log.info("model loaded in %.1f s", time.monotonic() - started)
+    log.info(
+        "model loaded in %.1f s; attention backend %s",
+        time.monotonic() - started,
+        pipeline.transformer.attention_backend,
+    )
+    if settings.warmup_steps:
+        seconds = warm_up(pipeline, settings.warmup_steps)
+        metrics.warmup.set(sum(seconds.values()))
+        log.info(
+            "warm-up (%d steps per mode) took %s",
+            settings.warmup_steps,
+            ", ".join(f"{mode} {value:.1f} s" for mode, value in seconds.items()),
+        )
 
     files = ResultFiles(settings.results_dir)
     files.ensure_dirs()

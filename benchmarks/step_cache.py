@@ -1,0 +1,147 @@
+"""The opt-in step cache: speed-up and quality cost against the uncached video, per threshold.
+
+One ``generate`` call per threshold (``--thresholds``; ``0`` is the uncached reference: it runs every
+block and gives the plain network's video), same prompt, seed and size. Per threshold: the steps
+whose later blocks were skipped, the denoising loop's time (first transformer call to the last
+progress callback; VAE decoding excluded) and the whole call's, the loop's speed-up over the
+reference (median of per-round ratios, 95 % CI), and the PSNR of the decoded video against the
+reference's. Rounds run every threshold once, the order reversed every other round.
+
+    python -m benchmarks.step_cache --preset toy --thresholds 0,0.05,0.1,0.2 --repeats 3
+    python -m benchmarks.step_cache --device cuda --wan /models/Wan2.1-T2V-1.3B-Diffusers \\
+        --checkpoint /models/univigu.pth --thresholds 0,0.05,0.1,0.2 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from benchmarks._timing import markdown_table, median, paired_ratio, write_json
+from benchmarks.end_to_end import PROMPT, StageTimer
+from model.media import psnr
+from model.pipeline import UniViGUPipeline, VideoResult
+
+
+def timed_generate(
+    pipe: UniViGUPipeline, timer: StageTimer, video: dict[str, Any]
+) -> tuple[VideoResult, float, float]:
+    """``(result, denoising loop s, whole call s)`` of one ``generate`` call."""
+    timer.reset()
+    start = time.perf_counter()
+    result = pipe.generate(PROMPT, **video, progress=timer.progress)
+    total = time.perf_counter() - start
+    assert timer.first_forward is not None and timer.last_progress is not None
+    return result, timer.last_progress - timer.first_forward, total
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Generate once per threshold and round; a JSON-ready dict with one row per threshold."""
+    preset = None if args.wan else args.preset
+    pipe = UniViGUPipeline.load(preset=preset, wan=args.wan, checkpoint=args.checkpoint, device=args.device)
+    timer = StageTimer(pipe.device)
+    timer.wrap(pipe.transformer, "embed", "transformer")  # the first embedding marks the loop's start
+    d = pipe.defaults
+    video: dict[str, Any] = {
+        "height": args.height or d.height,
+        "width": args.width or d.width,
+        "num_frames": args.frames or d.num_frames,
+        "steps": args.steps or d.steps,
+        "seed": args.seed,
+    }
+    thresholds = args.thresholds
+    loops: dict[float, list[float]] = {t: [] for t in thresholds}
+    calls: dict[float, list[float]] = {t: [] for t in thresholds}
+    results: dict[float, VideoResult] = {}
+    for _ in range(args.warmup):
+        pipe.generate(PROMPT, **video)
+    for round_index in range(args.repeats):
+        for threshold in thresholds if round_index % 2 == 0 else reversed(thresholds):
+            result, loop_s, call_s = timed_generate(pipe, timer, {**video, "step_cache": threshold})
+            loops[threshold].append(loop_s)
+            calls[threshold].append(call_s)
+            results[threshold] = result
+    reference = thresholds[0]
+    rows = []
+    for threshold in thresholds:
+        speed_up, speed_up_ci = paired_ratio(loops[reference], loops[threshold])
+        rows.append(
+            {
+                "threshold": threshold,
+                "skipped_steps": results[threshold].skipped_steps,
+                "steps": video["steps"],
+                "loop_s": median(loops[threshold]),
+                "call_s": median(calls[threshold]),
+                "speed_up": speed_up,
+                "speed_up_ci": speed_up_ci,
+                "psnr_db": psnr(results[threshold].frames, results[reference].frames),
+                "loop_samples": loops[threshold],
+            }
+        )
+    return {
+        "benchmark": "step_cache",
+        "device": str(pipe.device),
+        "threads": torch.get_num_threads(),
+        "model": preset or args.wan,
+        "num_layers": pipe.transformer.config.num_layers,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        **video,
+        "guidance_scale": d.guidance_scale,
+        "repeats": args.repeats,
+        "reference_threshold": reference,
+        "rows": rows,
+    }
+
+
+TABLE = {
+    "threshold": "threshold",
+    "skipped_steps": "skipped steps",
+    "steps": "steps",
+    "loop_s": "denoising loop s",
+    "call_s": "whole call s",
+    "speed_up": "loop speed-up",
+    "speed_up_ci": "95% CI",
+    "psnr_db": "PSNR vs reference (dB)",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="toy", help="a preset built in code (random weights; default toy)")
+    p.add_argument("--wan", help="a Wan2.1 diffusers folder (with --checkpoint, the released .pth)")
+    p.add_argument("--checkpoint", help="the Uni-ViGU .pth that goes with --wan")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--thresholds",
+        type=lambda text: [float(part) for part in text.split(",")],
+        default=[0.0, 0.05, 0.1, 0.2],
+        help="comma-separated; the first is the reference (use 0: uncached)",
+    )
+    p.add_argument("--height", type=int, help="default: the model's")
+    p.add_argument("--width", type=int, help="default: the model's")
+    p.add_argument("--frames", type=int, help="default: the model's")
+    p.add_argument("--steps", type=int, help="default: the model's")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed uncached calls first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the full result here")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    result = run(args)
+    write_json(result, args.json)
+    print(
+        f"{result['model']} ({result['num_layers']} blocks) on {result['device']} ({result['threads']} threads), "
+        f"{result['dtype']}, {result['width']}x{result['height']}, {result['num_frames']} frames, "
+        f"{result['steps']} steps, guidance {result['guidance_scale']:g}, median of {result['repeats']}"
+    )
+    print(markdown_table(result["rows"], TABLE))
+
+
+if __name__ == "__main__":
+    main()

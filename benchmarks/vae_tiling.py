@@ -1,0 +1,130 @@
+"""VAE decoding with and without tiles: time, peak memory, and PSNR of the tiled frames against the
+untiled ones.
+
+The pipeline tiles when ``height * width`` exceeds ``VaeTiling.min_pixels`` (``UNIVIGU_VAE_TILING_MIN_PIXELS``);
+this script decodes one random latent ``(1, z, f, H/8, W/8)`` both ways with ``--tile``/``--stride``
+(pixels), interleaved. Peak memory is the extra memory of one decode (``benchmarks/_timing.py``):
+on the CPU the resident-set growth, which only roughly tracks what a GPU would need; the memory
+figures that matter are the CUDA ones.
+
+    python -m benchmarks.vae_tiling --preset tiny --height 256 --width 256 --frames 17 --repeats 3
+    python -m benchmarks.vae_tiling --device cuda --wan /models/Wan2.1-T2V-1.3B-Diffusers \\
+        --height 720 --width 1280 --frames 81 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from benchmarks._timing import (
+    markdown_table,
+    median,
+    mib,
+    paired_ratio,
+    peak_memory,
+    time_interleaved,
+    write_json,
+)
+from model.config import VaeTiling
+from model.media import psnr
+from model.pipeline import UniViGUPipeline
+
+
+def decode_frames(vae: AutoencoderKLWan, latent: torch.Tensor, tiling: VaeTiling | None) -> np.ndarray:
+    """``latent (1, z, f, h, w)`` -> uint8 frames ``(T, H, W, 3)``, in tiles when ``tiling`` is given."""
+    if tiling is None:
+        vae.disable_tiling()
+    else:
+        vae.enable_tiling(tiling.tile, tiling.tile, tiling.stride, tiling.stride)
+    pixels = vae.decode(latent).sample[0].clamp(-1.0, 1.0)  # (3, T, H, W)
+    return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Decode untiled and tiled, interleaved; a JSON-ready dict with one row per way."""
+    pipe = UniViGUPipeline.load(preset=None if args.wan else args.preset, wan=args.wan, device=args.device)
+    vae, device = pipe.vae, pipe.device
+    scale = vae.spatial_compression_ratio
+    shape = (1, vae.config.z_dim, (args.frames - 1) // 4 + 1, args.height // scale, args.width // scale)
+    latent = torch.randn(shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
+    ways = {"untiled": None, "tiled": VaeTiling(min_pixels=0, tile=args.tile, stride=args.stride)}
+    with torch.inference_mode():
+        frames = {name: decode_frames(vae, latent, tiling) for name, tiling in ways.items()}
+        calls = {name: (lambda t=tiling: decode_frames(vae, latent, t)) for name, tiling in ways.items()}
+        peaks = {name: peak_memory(call, device) for name, call in calls.items()}
+        samples = time_interleaved(calls, device, repeats=args.repeats, warmup=0)
+    rows = []
+    for name in ways:
+        ratio, ratio_ci = paired_ratio(samples[name]["wall"], samples["untiled"]["wall"])
+        rows.append(
+            {
+                "way": name,
+                "decode_s": median(samples[name]["wall"]),
+                "ratio": ratio,
+                "ratio_ci": ratio_ci,
+                "peak_mib": mib(peaks[name]),
+                "psnr_db": psnr(frames[name], frames["untiled"]),
+            }
+        )
+    return {
+        "benchmark": "vae_tiling",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "model": args.wan or args.preset,
+        "height": args.height,
+        "width": args.width,
+        "frames": args.frames,
+        "tile": args.tile,
+        "stride": args.stride,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+
+
+TABLE = {
+    "way": "decode",
+    "decode_s": "s/decode",
+    "ratio": "/ untiled (wall)",
+    "ratio_ci": "95% CI",
+    "peak_mib": "peak extra MiB",
+    "psnr_db": "PSNR vs untiled (dB)",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="a preset built in code (random VAE; default tiny)")
+    p.add_argument("--wan", help="a Wan2.1 diffusers folder: its real VAE")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--frames", type=int, default=17, help="4k+1")
+    p.add_argument("--tile", type=int, default=VaeTiling.tile, help="tile side in pixels (multiple of 8)")
+    p.add_argument(
+        "--stride", type=int, default=VaeTiling.stride, help="tile stride in pixels (multiple of 8)"
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the full result here")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    result = run(args)
+    write_json(result, args.json)
+    print(
+        f"{result['model']} VAE on {result['device']} ({result['threads']} threads), {result['width']}x"
+        f"{result['height']}, {result['frames']} frames, tile {result['tile']} stride {result['stride']}, "
+        f"median of {result['repeats']}"
+    )
+    print(markdown_table(result["rows"], TABLE))
+
+
+if __name__ == "__main__":
+    main()
