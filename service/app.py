@@ -13,15 +13,18 @@ from fastapi import FastAPI, Security
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
+from service.body_limits import BodyLimitMiddleware
 from service.dependencies import Services
 from service.errors import install_error_handlers
 from service.maintenance import Maintenance
 from service.metrics import GatewayMetrics, HttpMetricsMiddleware
+from service.ratelimit import RateLimiter
 from service.redis_client import connect_redis, job_queue, job_store
 from service.results import ResultFiles
 from service.routes import caption, health, jobs, submit
 from service.schemas import build_request_models
 from service.settings import Settings
+from service.uploads import FRAMING_BYTES
 from service.web import mount_web
 
 
@@ -36,6 +39,16 @@ def build_services(settings: Settings) -> Services:
         files=ResultFiles(settings.results_dir),
         metrics=GatewayMetrics(store, queue, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
         models=build_request_models(settings),
+        rate_limiter=(
+            RateLimiter(
+                redis,
+                prefix=settings.key_prefix,
+                rate_per_second=settings.rate_limit_per_second,
+                burst=settings.rate_limit_burst,
+            )
+            if settings.rate_limit_per_second > 0
+            else None
+        ),
     )
 
 
@@ -61,7 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app, retry_after_seconds=settings.retry_after_seconds)
-    # Documents the API key in OpenAPI (an "Authorize" button in /docs); the check is client_scope's.
+    # Documents the API key in OpenAPI (an "Authorize" button in /docs); the check is current_caller's.
     security = (
         [Security(APIKeyHeader(name=settings.api_key_header, auto_error=False, scheme_name="ApiKey"))]
         if settings.api_keys
@@ -72,5 +85,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(jobs.router, dependencies=security)
     app.include_router(health.router)
     mount_web(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_json_body_bytes,
+        max_multipart_bytes=settings.max_upload_bytes + FRAMING_BYTES,
+        idle_timeout_seconds=settings.body_idle_timeout_seconds,
+        total_timeout_seconds=settings.body_timeout_seconds,
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=services.metrics)
     return app

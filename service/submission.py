@@ -1,4 +1,9 @@
-"""Submitting and canceling jobs: the gateway's use cases over the job store and the queue."""
+"""Submitting, reading and canceling jobs: the gateway's use cases over the job store and the queue.
+
+Every route that reads, lists, cancels or downloads a job goes through :func:`job_for_caller` (or
+``list_page``'s owner filter): with API keys on, a caller sees only the jobs its key created, and
+another key's job answers 404 exactly like an unknown id.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from typing import Any
 
 from fastapi import Response
 
-from service.dependencies import Services
+from service.dependencies import Caller, Services
 from service.errors import ApiError
-from service.jobs import Idempotency, Submission
+from service.jobs import Idempotency, JobNotFound, Submission
 from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType
 
 
@@ -30,14 +35,14 @@ def submit(
     params: dict[str, Any],
     *,
     job_id: str,
-    scope: str,
+    caller: Caller,
     idempotency_key: str | None,
     fingerprint_extra: str = "",
 ) -> Submission:
     """Record and enqueue a job in one transaction; a known Idempotency-Key returns its job instead."""
     check_against_served_model(services, params)
     idempotency = (
-        Idempotency(scope, idempotency_key, _fingerprint(job_type, params, fingerprint_extra))
+        Idempotency(caller.scope, idempotency_key, _fingerprint(job_type, params, fingerprint_extra))
         if idempotency_key
         else None
     )
@@ -50,6 +55,7 @@ def submit(
         enqueue=lambda pipeline: services.queue.enqueue(job_id, pipeline),
         admit=services.queue.admit,
         queue_key=services.queue.key,
+        owner=caller.owner,
     )
 
 
@@ -74,16 +80,31 @@ def job_view(services: Services, record: JobRecord) -> Job:
     return Job.from_record(record, queue_position=position)
 
 
-def read_job(services: Services, job_id: str) -> Job:
-    """One job with its queue position, in one Redis round trip (the hot path of polling clients)."""
+def job_for_caller(services: Services, caller: Caller, job_id: str) -> tuple[JobRecord, int | None]:
+    """The job ``caller`` asked for and its queue position, in one Redis round trip (the hot path of
+    polling clients). Raises JobNotFound for an unknown id and for another API key's job alike."""
     record, position = services.store.get_with_position(job_id, services.queue.key)
+    if caller.owner is not None and record.owner != caller.owner:
+        raise JobNotFound(job_id)
+    return record, position
+
+
+def read_job(services: Services, caller: Caller, job_id: str) -> Job:
+    record, position = job_for_caller(services, caller, job_id)
     return Job.from_record(record, queue_position=position)
 
 
 def list_page(
-    services: Services, status: JobStatus | None, job_type: JobType | None, before: float | None, limit: int
+    services: Services,
+    caller: Caller,
+    status: JobStatus | None,
+    job_type: JobType | None,
+    before: float | None,
+    limit: int,
 ) -> JobPage:
-    records, next_cursor = services.store.page(status=status, job_type=job_type, before=before, limit=limit)
+    records, next_cursor = services.store.page(
+        status=status, job_type=job_type, before=before, limit=limit, owner=caller.owner
+    )
     return JobPage(
         jobs=[job_view(services, record) for record in records],
         next_cursor=None if next_cursor is None else repr(next_cursor),
@@ -99,8 +120,9 @@ def accepted(services: Services, submission: Submission, response: Response) -> 
     return job_view(services, submission.record)
 
 
-def cancel(services: Services, job_id: str) -> Job:
+def cancel(services: Services, caller: Caller, job_id: str) -> Job:
     """Queued: canceled now and never run. Running: stops at its next denoising step. Finished: 409."""
+    job_for_caller(services, caller, job_id)
     before = services.store.cancel(job_id)
     record = services.store.get(job_id)
     if before == JobStatus.queued:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from model.media import VideoLimits, probe_video
-from service.dependencies import ClientScope, IdempotencyKey, Services, ServicesDep
+from service.dependencies import CallerDep, IdempotencyKey, Services, ServicesDep
 from service.routes._responses import SUBMIT_ERRORS
 from service.schemas import Job, JobType, RequestModels
 from service.submission import accepted, new_job_id, submit
@@ -56,7 +56,7 @@ def build_router(models: RequestModels) -> APIRouter:
         request: Request,
         response: Response,
         services: ServicesDep,
-        scope: ClientScope,
+        caller: CallerDep,
         idempotency_key: IdempotencyKey,
     ) -> Job:
         """Caption an uploaded video (form part `file`; options as form fields). Answers 202."""
@@ -78,7 +78,7 @@ def build_router(models: RequestModels) -> APIRouter:
                 JobType.caption,
                 params,
                 job_id=job_id,
-                scope=scope,
+                caller=caller,
                 idempotency_key=idempotency_key,
                 fingerprint_extra=upload.sha256,
             )
