@@ -128,7 +128,8 @@ class JobRunner:
                 JobStatus.failed, error=ErrorInfo(code=exc.code, message=exc.message, param=exc.param)
             )
         except torch.cuda.OutOfMemoryError as exc:
-            log.warning("job %s ran out of GPU memory: %s", record.id, exc)
+            # str(exc): a log record that kept the exception would keep the failed job's tensors alive.
+            log.warning("job %s ran out of GPU memory: %s", record.id, str(exc))
             message = "the GPU ran out of memory; try fewer frames, a smaller size or fewer tokens"
             return Outcome(JobStatus.failed, error=ErrorInfo(code=GPU_OOM, message=message))
         except JobTimeoutException:
