@@ -68,8 +68,10 @@ def test_a_video_upload_is_accepted_and_kept_for_the_worker(client: TestClient, 
         b"just some text, not a video at all\n" * 100,
         b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
         b"",
+        bytes(np.random.default_rng(1).integers(0, 256, 64 * 1024, dtype=np.uint8)),
+        b"%PDF-1.7\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\n" * 50 + b"%%EOF\n",
     ],
-    ids=["text", "hls-playlist", "empty"],
+    ids=["text", "hls-playlist", "empty", "random-bytes", "pdf"],
 )
 def test_non_videos_answer_415_whatever_their_name_and_type(client: TestClient, content: bytes) -> None:
     response = client.post("/caption", files={"file": ("movie.mp4", content, "video/mp4")})
