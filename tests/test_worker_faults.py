@@ -23,6 +23,7 @@ from service.settings import Settings
 pytestmark = pytest.mark.slow
 
 LONG_JOB = {"prompt": "a long one", "height": 64, "width": 64, "num_frames": 17, "steps": 100}
+BIG_VIDEO = {"height": 128, "width": 128, "num_frames": 33}
 
 
 def test_a_killed_worker_leaves_its_job_failed_worker_lost_within_the_bound(
@@ -101,12 +102,12 @@ def test_redis_restart_under_a_running_worker(
 def test_a_job_over_its_timeout_fails_and_the_worker_keeps_serving(
     settings_factory: Callable[..., Settings], start_worker: Callable[[Settings], WorkerProcess]
 ) -> None:
-    # Generous for a tiny job on a loaded machine; far too short for 100,000 steps anywhere (the tiny
-    # model now runs 1,000 steps of this job in under 6 s on the CPU).
-    settings = settings_factory(job_timeout_seconds=6, max_steps=100_000)
+    # Generous for a tiny job on a loaded machine; far too short for 1000 steps of a 128x128x33 video
+    # anywhere (the tiny model now runs 1000 steps of LONG_JOB's 64x64x17 in under 6 s).
+    settings = settings_factory(job_timeout_seconds=6, max_steps=1000)
     with TestClient(create_app(settings)) as client:
         start_worker(settings).wait_ready(client)
-        job_id = client.post("/generate", json={**LONG_JOB, "steps": 100_000}).json()["id"]
+        job_id = client.post("/generate", json={**LONG_JOB, **BIG_VIDEO, "steps": 1000}).json()["id"]
         job = wait_for_status(client, job_id, {"failed", "succeeded", "canceled"})
         assert job["status"] == "failed"
         assert job["error"]["code"] == "timeout"
