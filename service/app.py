@@ -14,15 +14,18 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from service import openai
+from service.body_limits import BodyLimitMiddleware
 from service.dependencies import Services
 from service.errors import install_error_handlers
 from service.maintenance import Maintenance
 from service.metrics import GatewayMetrics, HttpMetricsMiddleware
+from service.ratelimit import RateLimiter
 from service.redis_client import connect_redis, job_queue, job_store
 from service.results import ResultFiles
 from service.routes import caption, health, jobs, submit
 from service.schemas import build_request_models
 from service.settings import Settings
+from service.uploads import FRAMING_BYTES
 from service.web import mount_web
 
 
@@ -37,6 +40,16 @@ def build_services(settings: Settings) -> Services:
         files=ResultFiles(settings.results_dir),
         metrics=GatewayMetrics(store, queue, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
         models=build_request_models(settings),
+        rate_limiter=(
+            RateLimiter(
+                redis,
+                prefix=settings.key_prefix,
+                rate_per_second=settings.rate_limit_per_second,
+                burst=settings.rate_limit_burst,
+            )
+            if settings.rate_limit_per_second > 0
+            else None
+        ),
     )
 
 
@@ -67,7 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
         retry_after_seconds=settings.retry_after_seconds,
         renderers={f"{openai.PREFIX}/": openai.render_openai},
     )
-    # Documents the API key in OpenAPI (an "Authorize" button in /docs); the check is client_scope's.
+    # Documents the API key in OpenAPI (an "Authorize" button in /docs); the check is current_caller's.
     security = (
         [Security(APIKeyHeader(name=settings.api_key_header, auto_error=False, scheme_name="ApiKey"))]
         if settings.api_keys
@@ -81,5 +94,13 @@ def create_app(settings: Settings) -> FastAPI:
     bearer = [Security(HTTPBearer(auto_error=False, scheme_name="Bearer"))] if settings.api_keys else []
     app.include_router(openai.build_router(), dependencies=bearer)
     mount_web(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_json_body_bytes,
+        max_multipart_bytes=settings.max_upload_bytes + FRAMING_BYTES,
+        idle_timeout_seconds=settings.body_idle_timeout_seconds,
+        total_timeout_seconds=settings.body_timeout_seconds,
+        path_caps={openai.CHAT_PATH: openai.chat_body_limit(settings)},
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=services.metrics)
     return app

@@ -1,7 +1,9 @@
-"""What the routes get injected: the gateway's components, the caller's API key and Idempotency-Key.
+"""What the routes get injected: the gateway's components, the caller (API key, rate limit) and its
+Idempotency-Key.
 
-These dependencies do no I/O, so they are ``async def``: FastAPI runs sync dependencies in the thread
-pool, and a thread hop per dependency per request shows up in the gateway's tail latency.
+These dependencies are ``async def``: FastAPI runs sync dependencies in the thread pool, and a thread
+hop per dependency per request shows up in the gateway's tail latency. Only the rate limit does I/O
+(one Redis call, in the thread pool), and only when it is on.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError
 from service.jobs import JobStore
 from service.metrics import GatewayMetrics
 from service.queue import JobQueue
+from service.ratelimit import RateLimiter
 from service.results import ResultFiles
 from service.schemas import RequestModels
 from service.settings import Settings
@@ -32,6 +36,7 @@ class Services:
     files: ResultFiles
     metrics: GatewayMetrics
     models: RequestModels
+    rate_limiter: RateLimiter | None = None
 
 
 async def get_services(request: Request) -> Services:
@@ -42,16 +47,31 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def scope_for_key(settings: Settings, presented: str, *, where: str) -> str:
-    """Check an API key (when keys are configured) and return the caller's scope: the value job
-    ownership and Idempotency-Keys are keyed by. ``where`` names the header(s) for the 401 message.
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request.
+
+    ``scope`` namespaces the caller's Idempotency-Keys and rate limit. ``owner`` is stored on the jobs
+    the caller creates and decides which jobs it may see: a hash of its API key (never the key), or None
+    when API keys are off, and then every job is visible to everyone.
+    """
+
+    scope: str
+    owner: str | None
+
+
+ANONYMOUS = Caller(scope="anonymous", owner=None)
+
+
+def authenticate(settings: Settings, presented: str, *, where: str) -> Caller:
+    """Check an API key (when keys are configured); ``where`` names the header(s) for the 401 message.
 
     Every configured key is compared in constant time, and all of them are compared, so the answer's
     timing says nothing about which key or how much of it matched.
     """
     keys = settings.api_keys
     if not keys:
-        return "anonymous"
+        return ANONYMOUS
     matched = False
     for key in keys:
         matched |= secrets.compare_digest(presented.encode(), key.encode())
@@ -63,16 +83,27 @@ def scope_for_key(settings: Settings, presented: str, *, where: str) -> str:
             param=settings.api_key_header,
             headers={"WWW-Authenticate": "ApiKey"},
         )
-    return hashlib.sha256(presented.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(presented.encode()).hexdigest()[:16]
+    return Caller(scope=digest, owner=digest)
 
 
-async def client_scope(request: Request, services: ServicesDep) -> str:
-    """The native API's caller: the API key in the ``api_key_header`` header (see ``scope_for_key``)."""
+async def spend_rate_limit(request: Request, services: Services, caller: Caller) -> Caller:
+    """Spend one of the caller's rate-limit tokens (per key; per client IP when keys are off)."""
+    limiter = services.rate_limiter
+    if limiter is not None:
+        client = caller.owner or f"ip:{request.client.host if request.client else 'unknown'}"
+        await run_in_threadpool(limiter.take, client)
+    return caller
+
+
+async def current_caller(request: Request, services: ServicesDep) -> Caller:
+    """The native API's caller: the API key in the ``api_key_header`` header, then its rate limit."""
     header = services.settings.api_key_header
-    return scope_for_key(services.settings, request.headers.get(header, ""), where=f"{header} header")
+    caller = authenticate(services.settings, request.headers.get(header, ""), where=f"{header} header")
+    return await spend_rate_limit(request, services, caller)
 
 
-ClientScope = Annotated[str, Depends(client_scope)]
+CallerDep = Annotated[Caller, Depends(current_caller)]
 
 
 async def idempotency_key(

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model.errors import InvalidParameterError, InvalidVideoError, UniViGUError, VideoTooLargeError
 from service.jobs import IdempotencyConflict, JobNotFound
 from service.queue import QueueFull
+from service.ratelimit import RateLimited
 from service.schemas import ErrorEnvelope, ErrorInfo
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,12 @@ _STATUS_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameter",
+    429: "rate_limited",
     503: "unavailable",
 }
 
@@ -187,6 +190,10 @@ def install_error_handlers(
     async def queue_full(request: Request, exc: Exception) -> JSONResponse:
         return render(request, ErrorReply(503, "queue_full", str(exc), headers=unavailable))
 
+    async def rate_limited(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RateLimited)
+        return envelope(429, "rate_limited", str(exc), headers={"Retry-After": str(exc.retry_after_seconds)})
+
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("Redis unreachable: %s", exc)
         message = "the job store is unreachable; retry later"
@@ -211,6 +218,7 @@ def install_error_handlers(
     app.add_exception_handler(JobNotFound, job_not_found)
     app.add_exception_handler(IdempotencyConflict, idempotency_conflict)
     app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(RateLimited, rate_limited)
     app.add_exception_handler(RedisConnectionError, redis_down)
     app.add_exception_handler(RedisTimeoutError, redis_down)
     app.add_exception_handler(RedisOutOfMemoryError, redis_full)

@@ -2,7 +2,8 @@
 
 Keys (``{p}`` is ``settings.key_prefix``):
 
-- ``{p}:job:{id}``: a hash with the record; expires ``result_ttl_seconds`` after the job finishes.
+- ``{p}:job:{id}``: a hash with the record; expires ``result_ttl_seconds`` after the job finishes. Its
+  ``owner`` field is the hash of the API key that created it (absent with API keys off).
 - ``{p}:jobs``: a sorted set of job ids by creation time (for ``GET /jobs``); pruned lazily.
 - ``{p}:running``: the set of running job ids; ``{p}:hb:{id}``: a running job's heartbeat (expiring).
 - ``{p}:idem:{scope}:{key}``: an Idempotency-Key's request fingerprint and job id.
@@ -144,12 +145,14 @@ class JobStore:
         enqueue: Callable[[Pipeline], None],
         admit: Callable[[], None],
         queue_key: str,
+        owner: str | None = None,
     ) -> Submission:
         """Store a queued record and enqueue it in one transaction, or return the Idempotency-Key's job.
 
         ``admit`` runs before anything is written and may raise (a full queue); ``enqueue`` adds the
         queue's writes to the same MULTI so that a record never exists without its queue entry. The new
-        job's position in the list ``queue_key`` is read in that MULTI too.
+        job's position in the list ``queue_key`` is read in that MULTI too. ``owner`` is kept on the
+        record (see :class:`service.dependencies.Caller`).
         """
         idem_key = f"{self.prefix}:idem:{idempotency.scope}:{idempotency.key}" if idempotency else None
         now = _now()
@@ -176,6 +179,7 @@ class JobStore:
                             "progress": "0",
                             "created_at": repr(now),
                             "params": json.dumps(params),
+                            **({"owner": owner} if owner else {}),
                         },
                     )
                     pipe.zadd(self._index, {job_id: now})
@@ -192,6 +196,7 @@ class JobStore:
             progress=0,
             created_at=datetime.fromtimestamp(now, UTC),
             params=params,
+            owner=owner,
         )
         return Submission(record, created=True, queue_position=position)
 
@@ -243,6 +248,7 @@ class JobStore:
             result=JobResult.model_validate_json(fields["result"]) if "result" in fields else None,
             worker=fields.get("worker"),
             cancel_requested=fields.get("cancel_requested") == "1",
+            owner=fields.get("owner"),
         )
 
     def page(
@@ -254,10 +260,12 @@ class JobStore:
         limit: int,
         after: float | None = None,
         oldest_first: bool = False,
+        owner: str | None = None,
         batch: int = 200,
     ) -> tuple[list[JobRecord], float | None]:
         """Jobs created strictly between ``after`` and ``before`` (creation times; None: unbounded),
-        newest first unless ``oldest_first``; ``job_type`` is one type or a collection of types.
+        newest first unless ``oldest_first``; ``job_type`` is one type or a collection of types; only
+        ``owner``'s jobs unless it is None.
 
         Returns the records and the creation time of the last one, to pass as ``before`` (newest first)
         or ``after`` (oldest first) for the next page; None on the last page. Keyed by time rather than
@@ -287,6 +295,7 @@ class JobStore:
                     record is not None
                     and (status is None or record.status == status)
                     and (types is None or record.type in types)
+                    and (owner is None or record.owner == owner)
                 ):
                     found.append(record)
                     if len(found) == limit:

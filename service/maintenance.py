@@ -2,6 +2,10 @@
 
 Runs in a thread (blocking Redis and file work stays off the event loop). Several gateways may run it
 at once: each transition is atomic in the job store.
+
+After Redis was unreachable, no job is reaped for one heartbeat TTL: heartbeats expired during the
+outage (or were never written), and the workers need that long to refresh them. Without this grace, a
+Redis restart would fail every running job as ``worker_lost`` although its worker is alive.
 """
 
 from __future__ import annotations
@@ -60,11 +64,14 @@ class Maintenance:
 
     def _run(self) -> None:
         next_cleanup = 0.0
+        reap_from = 0.0
         while not self._stop.wait(self.settings.reaper_interval_seconds):
             try:
-                reap_lost_jobs(self.store, self.metrics)
+                if time.monotonic() >= reap_from:
+                    reap_lost_jobs(self.store, self.metrics)
                 if time.monotonic() >= next_cleanup:
                     self.files.clean_expired(self.store, upload_grace_seconds=UPLOAD_GRACE_SECONDS)
                     next_cleanup = time.monotonic() + self.settings.cleanup_interval_seconds
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("maintenance skipped, Redis unreachable: %s", exc)
+                reap_from = time.monotonic() + self.settings.heartbeat_ttl_seconds

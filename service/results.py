@@ -5,6 +5,9 @@ and renamed, so a reader sees a whole file or none; so is ``jobs/{id}/thumbnail.
 makes from the video's first frame the first time it is asked for. ``uploads/{id}.upload`` holds a
 caption job's input.
 A job's files are deleted once its record expired from Redis (``result_ttl_seconds`` after it finished).
+
+Every path is built from a job id that must be one plain name (letters, digits, ``_``, ``-``), so no id
+(``../x``, ``/etc``, ``%2e%2e``) can point outside ``results_dir``; the API accepts only 32 hex digits.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -23,6 +27,15 @@ from model.errors import StorageError
 from service.jobs import JobStore
 
 log = logging.getLogger(__name__)
+
+SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def checked_job_id(job_id: str) -> str:
+    """``job_id`` if it is one plain path component; ValueError otherwise (a bug or an attack)."""
+    if not SAFE_JOB_ID.fullmatch(job_id):
+        raise ValueError(f"refusing job id {job_id!r} as a file name")
+    return job_id
 
 
 class ResultFiles:
@@ -35,7 +48,7 @@ class ResultFiles:
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
 
     def job_dir(self, job_id: str) -> Path:
-        return self.jobs_dir / job_id
+        return self.jobs_dir / checked_job_id(job_id)
 
     def video(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "video.mp4"
@@ -52,7 +65,7 @@ class ResultFiles:
         return self.job_dir(job_id) / "result.json"
 
     def upload(self, job_id: str) -> Path:
-        return self.uploads_dir / f"{job_id}.upload"
+        return self.uploads_dir / f"{checked_job_id(job_id)}.upload"
 
     def thumbnail(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "thumbnail.jpg"

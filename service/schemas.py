@@ -192,6 +192,7 @@ class JobRecord(BaseModel):
     result: JobResult | None = None
     worker: str | None = None
     cancel_requested: bool = False
+    owner: str | None = None
 
 
 class Job(BaseModel):
@@ -212,7 +213,10 @@ class Job(BaseModel):
 
     @classmethod
     def from_record(cls, record: JobRecord, queue_position: int | None = None) -> Job:
-        return cls(queue_position=queue_position, **record.model_dump(exclude={"worker", "cancel_requested"}))
+        return cls(
+            queue_position=queue_position,
+            **record.model_dump(exclude={"worker", "cancel_requested", "owner"}),
+        )
 
 
 class JobPage(BaseModel):

@@ -79,6 +79,24 @@ class Settings(BaseSettings):
         description="How long POST /v1/chat/completions waits for its caption job; then 504 naming the "
         "job, which keeps running.",
     )
+    max_json_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest request body other than a caption upload (413 beyond)."
+    )
+    body_idle_timeout_seconds: float = Field(
+        30.0, gt=0, description="A request body that sends nothing for this long answers 408."
+    )
+    body_timeout_seconds: float = Field(
+        600.0, gt=0, description="A request body must arrive whole within this (408 otherwise)."
+    )
+    rate_limit_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Requests per second per API key (per client IP without keys), refilled "
+        "continuously; 0: no limit.",
+    )
+    rate_limit_burst: int = Field(
+        20, ge=1, description="Requests a client may send at once before the rate limit applies."
+    )
 
     # --- request limits (validated at the edge; None fields use the model's defaults) --------------------
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")

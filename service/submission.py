@@ -3,8 +3,8 @@ listing, canceling and deleting jobs, and finding their video. The native routes
 OpenAI-compatible layer (``service.openai``) both call these, so both report a job the same way.
 
 Every read on behalf of a caller goes through :func:`read_record` (one job) or :func:`list_records`
-(pages): ``scope`` is the caller's scope from the API key (``service.dependencies``), and these two are
-the one place that decides which jobs a caller may see.
+(pages), the one place that decides which jobs a caller may see: with API keys on, a caller sees only
+the jobs its key created, and another key's job answers 404 exactly like an unknown id.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 from fastapi import Response
 
 from model.media import VideoLimits, probe_video
-from service.dependencies import Services
+from service.dependencies import Caller, Services
 from service.errors import ApiError
-from service.jobs import Idempotency, Submission
+from service.jobs import Idempotency, JobNotFound, Submission
 from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType
 
 
@@ -40,14 +40,14 @@ def submit(
     params: dict[str, Any],
     *,
     job_id: str,
-    scope: str,
+    caller: Caller,
     idempotency_key: str | None,
     fingerprint_extra: str = "",
 ) -> Submission:
     """Record and enqueue a job in one transaction; a known Idempotency-Key returns its job instead."""
     check_against_served_model(services, params)
     idempotency = (
-        Idempotency(scope, idempotency_key, _fingerprint(job_type, params, fingerprint_extra))
+        Idempotency(caller.scope, idempotency_key, _fingerprint(job_type, params, fingerprint_extra))
         if idempotency_key
         else None
     )
@@ -60,6 +60,7 @@ def submit(
         enqueue=lambda pipeline: services.queue.enqueue(job_id, pipeline),
         admit=services.queue.admit,
         queue_key=services.queue.key,
+        owner=caller.owner,
     )
 
 
@@ -68,7 +69,7 @@ def submit_caption(
     params: dict[str, Any],
     *,
     job_id: str,
-    scope: str,
+    caller: Caller,
     idempotency_key: str | None,
     sha256: str,
 ) -> Submission:
@@ -83,7 +84,7 @@ def submit_caption(
             JobType.caption,
             params,
             job_id=job_id,
-            scope=scope,
+            caller=caller,
             idempotency_key=idempotency_key,
             fingerprint_extra=sha256,
         )
@@ -116,23 +117,27 @@ def job_view(services: Services, record: JobRecord) -> Job:
     return Job.from_record(record, queue_position=position)
 
 
-def read_record(services: Services, scope: str, job_id: str) -> tuple[JobRecord, int | None]:
-    """The job ``job_id`` as the caller ``scope`` may see it, with its queue position while queued, in
-    one Redis round trip (the hot path of polling clients). JobNotFound when unknown or expired.
+def read_record(services: Services, caller: Caller, job_id: str) -> tuple[JobRecord, int | None]:
+    """The job ``job_id`` as ``caller`` may see it, with its queue position while queued, in one Redis
+    round trip (the hot path of polling clients). JobNotFound for an unknown or expired id and for
+    another API key's job alike.
 
     Every route that reads, downloads, cancels or deletes a job on a caller's behalf, native or
     OpenAI-compatible, reads it here first."""
-    return services.store.get_with_position(job_id, services.queue.key)
+    record, position = services.store.get_with_position(job_id, services.queue.key)
+    if caller.owner is not None and record.owner != caller.owner:
+        raise JobNotFound(job_id)
+    return record, position
 
 
-def read_job(services: Services, scope: str, job_id: str) -> Job:
-    record, position = read_record(services, scope, job_id)
+def read_job(services: Services, caller: Caller, job_id: str) -> Job:
+    record, position = read_record(services, caller, job_id)
     return Job.from_record(record, queue_position=position)
 
 
 def list_records(
     services: Services,
-    scope: str,
+    caller: Caller,
     *,
     status: JobStatus | None = None,
     job_types: Collection[JobType] | None = None,
@@ -141,7 +146,7 @@ def list_records(
     oldest_first: bool = False,
     limit: int,
 ) -> tuple[list[JobRecord], float | None]:
-    """A page of the jobs the caller ``scope`` may see (see ``JobStore.page`` for the cursor)."""
+    """A page of the jobs ``caller`` may see (see ``JobStore.page`` for the cursor)."""
     return services.store.page(
         status=status,
         job_type=job_types,
@@ -149,12 +154,13 @@ def list_records(
         after=after,
         oldest_first=oldest_first,
         limit=limit,
+        owner=caller.owner,
     )
 
 
 def list_page(
     services: Services,
-    scope: str,
+    caller: Caller,
     status: JobStatus | None,
     job_type: JobType | None,
     before: float | None,
@@ -162,7 +168,7 @@ def list_page(
 ) -> JobPage:
     records, next_cursor = list_records(
         services,
-        scope,
+        caller,
         status=status,
         job_types=None if job_type is None else (job_type,),
         before=before,
@@ -194,9 +200,9 @@ def _cancel(services: Services, record: JobRecord) -> JobStatus:
     return before
 
 
-def cancel(services: Services, scope: str, job_id: str) -> Job:
+def cancel(services: Services, caller: Caller, job_id: str) -> Job:
     """Queued: canceled now and never run. Running: stops at its next denoising step. Finished: 409."""
-    record, _ = read_record(services, scope, job_id)
+    record, _ = read_record(services, caller, job_id)
     before = _cancel(services, record)
     if before.terminal:
         raise ApiError(
@@ -205,14 +211,14 @@ def cancel(services: Services, scope: str, job_id: str) -> Job:
     return job_view(services, services.store.get(job_id))
 
 
-def delete(services: Services, scope: str, job_id: str) -> JobRecord:
+def delete(services: Services, caller: Caller, job_id: str) -> JobRecord:
     """Cancel the job if it has not finished, then delete its record and every file it has.
 
     A queued job leaves the queue; a running one stops at its next denoising step (its worker reads the
     missing record as a cancel request and drops its outcome). Afterwards the job answers 404 everywhere.
     A file its worker was writing at that very moment has no record left, so the periodic clean-up
     (``ResultFiles.clean_expired``) removes it. Returns the record as it was read before the delete."""
-    record, _ = read_record(services, scope, job_id)
+    record, _ = read_record(services, caller, job_id)
     if not record.status.terminal:
         _cancel(services, record)
     services.store.delete(job_id)

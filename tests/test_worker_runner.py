@@ -3,6 +3,7 @@ the runner keeps serving. (The real tiny pipeline runs in test_worker_e2e.py.)""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,10 @@ def run(runner: JobRunner, behaviour: Callable[[], Any] | None = None) -> Any:
     queued(runner.store, job_id)
     runner.run(job_id)
     return runner.store.get(job_id)
+
+
+def succeed() -> Video:
+    return Video(np.zeros((5, 32, 32, 3), dtype=np.uint8))
 
 
 def raiser(error: BaseException) -> Callable[[], Any]:
@@ -164,3 +169,36 @@ def test_the_gateway_registers_the_failure_callback(redis_server: RedisServer) -
     assert job._failure_callback_name == FAILURE_CALLBACK
     queue.remove("cb")
     redis.close()
+
+
+def test_gpu_oom_releases_the_failed_jobs_tensors_and_the_next_job_succeeds(runner: JobRunner) -> None:
+    """A simulation on the CPU: the error is the one CUDA raises, the tensor stands for device memory.
+    The exception references its own frame (``raise error``), a cycle that only a collection frees."""
+    held: list[weakref.ref[torch.Tensor]] = []
+
+    def out_of_memory() -> Any:
+        activations = torch.empty(1024, 1024)
+        held.append(weakref.ref(activations))
+        error = torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise error
+
+    failed = run(runner, out_of_memory)
+    assert (failed.status, failed.error.code) == (JobStatus.failed, "gpu_oom")
+    assert held[0]() is None, "the failed job's tensors are still alive after it failed"
+    assert run(runner, succeed).status == JobStatus.succeeded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_cuda_oom_returns_the_memory(runner: JobRunner) -> None:
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    def out_of_memory() -> Any:
+        activations = torch.empty(256 * 2**20, device="cuda")  # 1 GiB the failed job holds
+        return activations + torch.empty(2**50, dtype=torch.uint8, device="cuda")  # 1 PiB: a real OOM
+
+    failed = run(runner, out_of_memory)
+    assert failed.error.code == "gpu_oom"
+    assert torch.cuda.memory_allocated() == allocated
+    assert torch.cuda.memory_reserved() <= reserved
+    assert run(runner, succeed).status == JobStatus.succeeded

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -82,6 +83,9 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     """Load the model, then work until SIGTERM/SIGINT (after the current job) or, with ``burst``, until
     the queue is empty."""
     name = name or default_worker_name(spec.device)
+    # A file-size limit (`ulimit -f`, a full quota) then fails writes with EFBIG, so the job fails with
+    # storage_error and the worker keeps serving, instead of SIGXFSZ killing the worker (and ffmpeg).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.registry)

@@ -6,6 +6,7 @@ Every outcome ends the job: succeeded, canceled, or failed with a code (the mode
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -34,6 +35,16 @@ _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 # How long a finished job's outcome is retried while Redis is unreachable before giving up (the
 # gateway's reaper then fails the job as worker_lost).
 FINISH_RETRY_SECONDS = 60.0
+GPU_OOM = "gpu_oom"
+
+
+def release_device_memory() -> None:
+    """Free what a failed job left behind: its tensors (held in reference cycles until collected) and
+    the CUDA allocator's cached blocks. Called once the exception and its traceback, which keep the
+    failed job's frames and tensors alive, are gone; inside the ``except`` block it would free nothing."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,8 @@ class JobRunner:
         finally:
             if record.type == JobType.caption:
                 self.files.remove_upload(record.id)
+        if outcome.error is not None and outcome.error.code == GPU_OOM:
+            release_device_memory()
         self._finish(record, outcome)
         self.metrics.run_time.labels(record.type.value).observe(time.monotonic() - started)
 
@@ -115,10 +128,10 @@ class JobRunner:
                 JobStatus.failed, error=ErrorInfo(code=exc.code, message=exc.message, param=exc.param)
             )
         except torch.cuda.OutOfMemoryError as exc:
-            log.warning("job %s ran out of GPU memory: %s", record.id, exc)
-            torch.cuda.empty_cache()
+            # str(exc): a log record that kept the exception would keep the failed job's tensors alive.
+            log.warning("job %s ran out of GPU memory: %s", record.id, str(exc))
             message = "the GPU ran out of memory; try fewer frames, a smaller size or fewer tokens"
-            return Outcome(JobStatus.failed, error=ErrorInfo(code="gpu_oom", message=message))
+            return Outcome(JobStatus.failed, error=ErrorInfo(code=GPU_OOM, message=message))
         except JobTimeoutException:
             log.warning("job %s timed out", record.id)
             return Outcome(JobStatus.failed, error=ErrorInfo(code="timeout", message="the job ran too long"))

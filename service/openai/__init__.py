@@ -19,8 +19,10 @@ from service.openai import chat, models, videos
 from service.openai.errors import render_openai
 
 PREFIX = "/v1"
+CHAT_PATH = f"{PREFIX}/chat/completions"
+chat_body_limit = chat.body_limit
 
-__all__ = ["PREFIX", "build_router", "render_openai"]
+__all__ = ["CHAT_PATH", "PREFIX", "build_router", "chat_body_limit", "render_openai"]
 
 
 def build_router(dependencies: list[Any] | None = None) -> APIRouter:

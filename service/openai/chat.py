@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.dependencies import IdempotencyKey, Services, ServicesDep
+from service.dependencies import Caller, IdempotencyKey, Services, ServicesDep
 from service.errors import ApiError, failed_job_error
-from service.openai.common import OpenAIScope, inline_schema, parse_json_object, read_body, resolve_model
+from service.openai.common import OpenAICaller, inline_schema, parse_json_object, read_body, resolve_model
 from service.openai.errors import error_responses
 from service.openai.schemas import (
     ChatChoice,
@@ -35,6 +35,7 @@ from service.openai.schemas import (
     Usage,
 )
 from service.schemas import JobRecord, JobStatus, ServedModel
+from service.settings import Settings
 from service.submission import new_job_id, read_record, submit_caption
 
 router = APIRouter(tags=["openai"])
@@ -43,6 +44,11 @@ router = APIRouter(tags=["openai"])
 JSON_OVERHEAD_BYTES = 1024 * 1024
 POLL_FIRST_SECONDS = 0.05
 POLL_MAX_SECONDS = 0.5
+
+
+def body_limit(settings: Settings) -> int:
+    """The largest chat request: a base64 video of ``max_upload_bytes`` plus the JSON around it."""
+    return settings.max_upload_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_parameter") -> ApiError:
@@ -120,7 +126,7 @@ def _caption_params(services: Services, body: ChatCompletionRequest, prompt: str
 
 
 def _submit(
-    services: Services, scope: str, key: str | None, body: ChatCompletionRequest
+    services: Services, caller: Caller, key: str | None, body: ChatCompletionRequest
 ) -> tuple[ServedModel, str]:
     """Check the request, store the video, submit the caption job; returns the model and the job id."""
     model = resolve_model(services, body.model)
@@ -143,20 +149,20 @@ def _submit(
         services,
         params,
         job_id=job_id,
-        scope=scope,
+        caller=caller,
         idempotency_key=key,
         sha256=hashlib.sha256(video).hexdigest(),
     )
     return model, submission.record.id
 
 
-async def _wait(services: Services, scope: str, job_id: str, request: Request) -> JobRecord:
+async def _wait(services: Services, caller: Caller, job_id: str, request: Request) -> JobRecord:
     """Poll the job until it finishes; 504 naming it after ``chat_timeout_seconds`` (it keeps running)."""
     timeout = services.settings.chat_timeout_seconds
     deadline = time.monotonic() + timeout
     interval = POLL_FIRST_SECONDS
     while True:
-        record, _ = await run_in_threadpool(read_record, services, scope, job_id)
+        record, _ = await run_in_threadpool(read_record, services, caller, job_id)
         if record.status.terminal:
             return record
         remaining = deadline - time.monotonic()
@@ -194,17 +200,16 @@ def _completion_tokens(services: Services, job_id: str) -> int:
     },
 )
 async def chat_completions(
-    request: Request, services: ServicesDep, scope: OpenAIScope, idempotency_key: IdempotencyKey
+    request: Request, services: ServicesDep, caller: OpenAICaller, idempotency_key: IdempotencyKey
 ) -> ChatCompletion:
     """Caption the one video of the user message (text in that message conditions the caption)."""
-    limit = services.settings.max_upload_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
-    fields = parse_json_object(await read_body(request, limit))
+    fields = parse_json_object(await read_body(request, body_limit(services.settings)))
     try:
         body = ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
-    model, job_id = await run_in_threadpool(_submit, services, scope, idempotency_key, body)
-    record = await _wait(services, scope, job_id, request)
+    model, job_id = await run_in_threadpool(_submit, services, caller, idempotency_key, body)
+    record = await _wait(services, caller, job_id, request)
     if record.status != JobStatus.succeeded or record.result is None:
         raise failed_job_error(job_id, record.error)
     tokens = await run_in_threadpool(_completion_tokens, services, job_id)

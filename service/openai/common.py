@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
-from service.dependencies import Services, ServicesDep, scope_for_key
+from service.dependencies import Caller, Services, ServicesDep, authenticate, spend_rate_limit
 from service.errors import ApiError
 from service.jobs import JobNotFound
 from service.schemas import MODEL_ALIAS, ServedModel
@@ -31,18 +31,18 @@ def job_id_of(video: str) -> str:
     return job_id
 
 
-async def openai_client_scope(request: Request, services: ServicesDep) -> str:
-    """The caller's scope from ``Authorization: Bearer <key>`` (what OpenAI clients send) or, failing
-    that, the native API key header; checked like the native API's key (``scope_for_key``)."""
+async def openai_caller(request: Request, services: ServicesDep) -> Caller:
+    """The caller from ``Authorization: Bearer <key>`` (what OpenAI clients send) or, failing that, the
+    native API key header; checked and rate-limited like the native API's caller."""
     settings = services.settings
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     presented = token.strip() if scheme.lower() == "bearer" and token.strip() else ""
     presented = presented or request.headers.get(settings.api_key_header, "")
     where = f"Authorization header (Bearer) or the {settings.api_key_header} header"
-    return scope_for_key(settings, presented, where=where)
+    return await spend_rate_limit(request, services, authenticate(settings, presented, where=where))
 
 
-OpenAIScope = Annotated[str, Depends(openai_client_scope)]
+OpenAICaller = Annotated[Caller, Depends(openai_caller)]
 
 
 def served_model(services: Services) -> ServedModel:

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from service.dependencies import ServicesDep
-from service.openai.common import OpenAIScope, resolve_model, served_model
+from service.openai.common import OpenAICaller, resolve_model, served_model
 from service.openai.errors import error_responses
 from service.openai.schemas import Model, ModelList
 
@@ -14,14 +14,14 @@ router = APIRouter(tags=["openai"])
 
 
 @router.get("/models", response_model=ModelList, responses=error_responses(401, 503))
-async def list_models(services: ServicesDep, _: OpenAIScope) -> ModelList:
+async def list_models(services: ServicesDep, _: OpenAICaller) -> ModelList:
     """The served model (503 until a worker has started)."""
     model = await run_in_threadpool(served_model, services)
     return ModelList(data=[Model(id=model.id)])
 
 
 @router.get("/models/{model_id}", response_model=Model, responses=error_responses(401, 404, 503))
-async def retrieve_model(model_id: str, services: ServicesDep, _: OpenAIScope) -> Model:
+async def retrieve_model(model_id: str, services: ServicesDep, _: OpenAICaller) -> Model:
     """The served model by its id or the alias `univigu`; any other name answers 404."""
     model = await run_in_threadpool(resolve_model, services, model_id)
     return Model(id=model.id)

@@ -20,11 +20,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from model.media import VideoLimits, first_frame_jpeg
-from service.dependencies import IdempotencyKey, Services, ServicesDep
+from service.dependencies import Caller, IdempotencyKey, Services, ServicesDep
 from service.errors import ApiError
 from service.jobs import JobNotFound
 from service.openai.common import (
-    OpenAIScope,
+    OpenAICaller,
     inline_schema,
     job_id_of,
     parse_json_object,
@@ -215,7 +215,7 @@ def _validated(model: type[BaseModel], fields: dict[str, Any]) -> Any:
 
 
 def _create(
-    services: Services, scope: str, key: str | None, body: VideoCreateRequest, response: Response
+    services: Services, caller: Caller, key: str | None, body: VideoCreateRequest, response: Response
 ) -> Video:
     model = resolve_model(services, body.model)
     fields: dict[str, Any] = {
@@ -232,7 +232,7 @@ def _create(
         fields["num_frames"], note = frames_for(body.seconds, int(model.defaults["fps"]), services.settings)
     job_type = JobType.joint if body.joint else JobType.generate
     params = _native_params(services, job_type, fields)
-    submission = submit(services, job_type, params, job_id=new_job_id(), scope=scope, idempotency_key=key)
+    submission = submit(services, job_type, params, job_id=new_job_id(), caller=caller, idempotency_key=key)
     job = accepted(services, submission, response)
     response.headers["Location"] = f"/v1/videos/{video_id_for(job.id)}"
     video = to_video(job, model)
@@ -260,7 +260,7 @@ async def create_video(
     request: Request,
     response: Response,
     services: ServicesDep,
-    scope: OpenAIScope,
+    caller: OpenAICaller,
     idempotency_key: IdempotencyKey,
 ) -> Video:
     """Start a video (a generate job, or a joint job with `joint: true`); poll GET /v1/videos/{id}."""
@@ -272,14 +272,14 @@ async def create_video(
             "input_reference is not supported: the served model generates video from text only",
             param="input_reference",
         )
-    return await run_in_threadpool(_create, services, scope, idempotency_key, body, response)
+    return await run_in_threadpool(_create, services, caller, idempotency_key, body, response)
 
 
 # --- reading, listing, deleting ------------------------------------------------------------------------
 
 
-def _video_job(services: Services, scope: str, video: str) -> Job:
-    job = read_job(services, scope, job_id_of(video))
+def _video_job(services: Services, caller: Caller, video: str) -> Job:
+    job = read_job(services, caller, job_id_of(video))
     _not_caption(job.type, job.id)
     return job
 
@@ -291,22 +291,22 @@ def _not_caption(job_type: JobType, job_id: str) -> None:
         )
 
 
-def _retrieve(services: Services, scope: str, video: str) -> Video:
-    job = _video_job(services, scope, video)
+def _retrieve(services: Services, caller: Caller, video: str) -> Video:
+    job = _video_job(services, caller, video)
     return to_video(job, services.store.served_model())
 
 
 @router.get("/videos/{video_id}", response_model=Video, responses=ERRORS)
-async def retrieve_video(video_id: str, services: ServicesDep, scope: OpenAIScope) -> Video:
+async def retrieve_video(video_id: str, services: ServicesDep, caller: OpenAICaller) -> Video:
     """The video object; the same job as GET /jobs/{job_id}."""
-    return await run_in_threadpool(_retrieve, services, scope, video_id)
+    return await run_in_threadpool(_retrieve, services, caller, video_id)
 
 
-def _cursor(services: Services, scope: str, after: str) -> float:
+def _cursor(services: Services, caller: Caller, after: str) -> float:
     """The creation time of the video ``after`` (the previous page's last_id)."""
     try:
         job_id = job_id_of(after)
-        read_record(services, scope, job_id)
+        read_record(services, caller, job_id)
     except JobNotFound:
         job_id = ""
     score = services.store.created_score(job_id) if job_id else None
@@ -315,12 +315,12 @@ def _cursor(services: Services, scope: str, after: str) -> float:
     return score
 
 
-def _list(services: Services, scope: str, after: str | None, limit: int, order: str) -> VideoList:
-    cursor = None if after is None else _cursor(services, scope, after)
+def _list(services: Services, caller: Caller, after: str | None, limit: int, order: str) -> VideoList:
+    cursor = None if after is None else _cursor(services, caller, after)
     oldest_first = order == "asc"
     records, _ = list_records(
         services,
-        scope,
+        caller,
         job_types=VIDEO_TYPES,
         before=None if oldest_first else cursor,
         after=cursor if oldest_first else None,
@@ -340,27 +340,27 @@ def _list(services: Services, scope: str, after: str | None, limit: int, order: 
 @router.get("/videos", response_model=VideoList, responses=ERRORS)
 async def list_videos(
     services: ServicesDep,
-    scope: OpenAIScope,
+    caller: OpenAICaller,
     after: Annotated[str | None, Query(description="The last_id of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
     order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
 ) -> VideoList:
     """Videos (generate and joint jobs), newest first unless order=asc."""
-    return await run_in_threadpool(_list, services, scope, after, limit, order)
+    return await run_in_threadpool(_list, services, caller, after, limit, order)
 
 
-def _delete(services: Services, scope: str, video: str) -> VideoDeleted:
+def _delete(services: Services, caller: Caller, video: str) -> VideoDeleted:
     job_id = job_id_of(video)
-    record, _ = read_record(services, scope, job_id)
+    record, _ = read_record(services, caller, job_id)
     _not_caption(record.type, job_id)
-    delete(services, scope, job_id)
+    delete(services, caller, job_id)
     return VideoDeleted(id=video_id_for(job_id))
 
 
 @router.delete("/videos/{video_id}", response_model=VideoDeleted, responses=ERRORS)
-async def delete_video(video_id: str, services: ServicesDep, scope: OpenAIScope) -> VideoDeleted:
+async def delete_video(video_id: str, services: ServicesDep, caller: OpenAICaller) -> VideoDeleted:
     """Cancel the job if it has not finished, then delete its record and files (404 afterwards)."""
-    return await run_in_threadpool(_delete, services, scope, video_id)
+    return await run_in_threadpool(_delete, services, caller, video_id)
 
 
 def _thumbnail(services: Services, record: JobRecord) -> FileResponse:
@@ -385,7 +385,7 @@ def _thumbnail(services: Services, record: JobRecord) -> FileResponse:
 def download_video(
     video_id: str,
     services: ServicesDep,
-    scope: OpenAIScope,
+    caller: OpenAICaller,
     variant: Annotated[
         Literal["video", "thumbnail", "spritesheet"],
         Query(description="video: the MP4; thumbnail: a JPEG of the first frame."),
@@ -393,7 +393,7 @@ def download_video(
 ) -> FileResponse:
     """The MP4 of a completed video (Range requests supported), or its first frame as a JPEG."""
     job_id = job_id_of(video_id)
-    record, _ = read_record(services, scope, job_id)
+    record, _ = read_record(services, caller, job_id)
     _not_caption(record.type, job_id)
     if variant == "spritesheet":
         raise ApiError(

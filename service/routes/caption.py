@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.dependencies import ClientScope, IdempotencyKey, Services, ServicesDep
+from service.dependencies import CallerDep, IdempotencyKey, Services, ServicesDep
 from service.routes._responses import SUBMIT_ERRORS
 from service.schemas import Job, RequestModels
 from service.submission import accepted, new_job_id, submit_caption
@@ -55,7 +55,7 @@ def build_router(models: RequestModels) -> APIRouter:
         request: Request,
         response: Response,
         services: ServicesDep,
-        scope: ClientScope,
+        caller: CallerDep,
         idempotency_key: IdempotencyKey,
     ) -> Job:
         """Caption an uploaded video (form part `file`; options as form fields). Answers 202."""
@@ -77,7 +77,7 @@ def build_router(models: RequestModels) -> APIRouter:
             services,
             params,
             job_id=job_id,
-            scope=scope,
+            caller=caller,
             idempotency_key=idempotency_key,
             sha256=upload.sha256,
         )

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.dependencies import ClientScope, ServicesDep
+from service.dependencies import CallerDep, ServicesDep
 from service.errors import ApiError
 from service.routes._responses import READ_ERRORS
 from service.schemas import Job, JobPage, JobStatus, JobType
@@ -27,7 +27,7 @@ VIDEO_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.get("/jobs", response_model=JobPage, responses=READ_ERRORS)
 async def list_jobs(
     services: ServicesDep,
-    scope: ClientScope,
+    caller: CallerDep,
     status: JobStatus | None = None,
     job_type: Annotated[JobType | None, Query(alias="type", description="Job type.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
@@ -36,19 +36,19 @@ async def list_jobs(
     ] = None,
 ) -> JobPage:
     """Recent jobs, newest first, optionally only one status and/or type."""
-    return await run_in_threadpool(list_page, services, scope, status, job_type, cursor, limit)
+    return await run_in_threadpool(list_page, services, caller, status, job_type, cursor, limit)
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=READ_ERRORS)
-async def get_job(job_id: JobId, services: ServicesDep, scope: ClientScope) -> Job:
-    return await run_in_threadpool(read_job, services, scope, job_id)
+async def get_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Job:
+    return await run_in_threadpool(read_job, services, caller, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, responses=READ_ERRORS)
-async def cancel_job(job_id: JobId, services: ServicesDep, scope: ClientScope) -> Job:
+async def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Job:
     """A queued job is canceled and never runs; a running one stops at its next denoising step
     (its status turns canceled then); a finished job answers 409."""
-    return await run_in_threadpool(cancel, services, scope, job_id)
+    return await run_in_threadpool(cancel, services, caller, job_id)
 
 
 @router.get(
@@ -56,9 +56,9 @@ async def cancel_job(job_id: JobId, services: ServicesDep, scope: ClientScope) -
     response_class=FileResponse,
     responses={**VIDEO_RESPONSES, **READ_ERRORS},
 )
-def get_video(job_id: JobId, services: ServicesDep, scope: ClientScope) -> FileResponse:
+def get_video(job_id: JobId, services: ServicesDep, caller: CallerDep) -> FileResponse:
     """The MP4 of a generate or joint job; supports Range requests (seeking)."""
-    record, _ = read_record(services, scope, job_id)
+    record, _ = read_record(services, caller, job_id)
     return FileResponse(
         video_file(services, record),
         media_type="video/mp4",
@@ -68,9 +68,9 @@ def get_video(job_id: JobId, services: ServicesDep, scope: ClientScope) -> FileR
 
 
 @router.get("/jobs/{job_id}/result", response_class=FileResponse, responses=READ_ERRORS)
-def get_result(job_id: JobId, services: ServicesDep, scope: ClientScope) -> FileResponse:
+def get_result(job_id: JobId, services: ServicesDep, caller: CallerDep) -> FileResponse:
     """The result JSON (caption, tokens, parameters used, output sizes)."""
-    record, _ = read_record(services, scope, job_id)
+    record, _ = read_record(services, caller, job_id)
     succeeded(record)
     path = services.files.result_json(job_id)
     if not path.is_file():

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from service.dependencies import ClientScope, IdempotencyKey, Services, ServicesDep
+from service.dependencies import Caller, CallerDep, IdempotencyKey, Services, ServicesDep
 from service.routes._responses import SUBMIT_ERRORS
 from service.schemas import Job, JobType, RequestModels
 from service.submission import accepted, new_job_id, submit
@@ -20,11 +20,11 @@ def _submit(
     services: Services,
     job_type: JobType,
     params: dict[str, Any],
-    scope: str,
+    caller: Caller,
     key: str | None,
     response: Response,
 ) -> Job:
-    submission = submit(services, job_type, params, job_id=new_job_id(), scope=scope, idempotency_key=key)
+    submission = submit(services, job_type, params, job_id=new_job_id(), caller=caller, idempotency_key=key)
     return accepted(services, submission, response)
 
 
@@ -37,11 +37,11 @@ def _endpoint(
         body: request_model,  # type: ignore[valid-type]
         response: Response,
         services: ServicesDep,
-        scope: ClientScope,
+        caller: CallerDep,
         idempotency_key: IdempotencyKey,
     ) -> Job:
         params = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
-        return await run_in_threadpool(_submit, services, job_type, params, scope, idempotency_key, response)
+        return await run_in_threadpool(_submit, services, job_type, params, caller, idempotency_key, response)
 
     endpoint.__doc__ = f"{summary} Answers 202 with the queued job; poll GET /jobs/{{id}}."
     return endpoint
