@@ -24,15 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks._timing import (
-    markdown_table,
-    median,
-    mib,
-    peak_memory,
-    time_interleaved,
-    write_json,
-)
-from benchmarks.transformer_step import DTYPES, SIZES
+from benchmarks._cli import add_output_args, add_run_args, new_parser, run_main
+from benchmarks._timing import median, mib, peak_memory, time_interleaved
+from benchmarks.transformer_step import add_device_args, device_dtype_size
 from model.config import UMT5_VOCAB_SIZE
 from model.network import UniViGUTransformer
 from model.pipeline import cast_transformer
@@ -73,9 +67,7 @@ def naive_mixture_step(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time and peak memory of both updates and of a captioning forward pass; a JSON-ready dict."""
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    size = SIZES[args.size]
+    device, dtype, size = device_dtype_size(args)
     config = dataclasses.replace(size.config, vocab_size=args.vocab)
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -150,32 +142,30 @@ TABLE = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--size", choices=sorted(SIZES), default="small", help="transformer of the forward pass")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="of the transformer; default as in serving")
+    p = new_parser(__doc__)
+    add_device_args(
+        p, size_help="transformer of the forward pass", dtype_help="of the transformer; default as in serving"
+    )
     p.add_argument("--length", type=int, default=256, help="L, caption tokens")
     p.add_argument("--vocab", type=int, default=UMT5_VOCAB_SIZE, help="V")
     p.add_argument("--batch", type=int, default=1, help="B")
     p.add_argument("--steps", type=int, default=50, help="N, captioning steps")
     p.add_argument("--index", type=int, default=25, help="the step timed (0-based, not the last)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the full result here")
+    add_run_args(p, repeats=5)
+    add_output_args(p)
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
-    result = run(args)
-    write_json(result, args.json)
-    print(
+def header(result: dict[str, Any]) -> str:
+    return (
         f"{result['device']} ({result['threads']} threads), B={result['batch']} L={result['length']} "
         f"V={result['vocab']}, step {result['index']} of {result['steps']}, forward: size {result['size']} "
         f"{result['dtype']}, {result['repeats']} rounds; logits {mib(result['logits_bytes']):.0f} MiB"
     )
-    print(markdown_table(result["rows"], TABLE))
+
+
+def main() -> None:
+    run_main(parser(), run, header, TABLE)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._timing import markdown_table, median, synchronize, write_json
+from benchmarks._cli import add_output_args, add_run_args, add_shape_args, new_parser, run_main
+from benchmarks._timing import median, synchronize
 from model.media import write_mp4
 from model.pipeline import UniViGUPipeline
 
@@ -162,7 +163,7 @@ TABLE = {"mode": "mode", **{f"{s}_s": f"{s} s" for s in (*STAGES, "other", "tota
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", help="a preset built in code (default: tiny)")
     source.add_argument("--weights", help="a folder written by save_pretrained")
@@ -170,28 +171,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="the Uni-ViGU .pth that goes with --wan")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help="comma-separated")
-    p.add_argument("--height", type=int, help="default: the model's")
-    p.add_argument("--width", type=int, help="default: the model's")
-    p.add_argument("--frames", type=int, help="default: the model's")
-    p.add_argument("--steps", type=int, help="default: the model's")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each mode first")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the full result here")
+    add_shape_args(p)
+    add_run_args(p, repeats=3, warmup_help="untimed calls of each mode first")
+    add_output_args(p)
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
-    result = run(args)
-    write_json(result, args.json)
-    print(
+def header(result: dict[str, Any]) -> str:
+    return (
         f"{result['model']} on {result['device']} ({result['threads']} threads), {result['dtype']}, "
         f"{result['width']}x{result['height']}, {result['num_frames']} frames, {result['steps']} steps, "
         f"guidance {result['guidance_scale']:g}, {result['caption_tokens']} caption tokens, "
         f"median of {result['repeats']}"
     )
-    print(markdown_table(result["rows"], TABLE))
+
+
+def main() -> None:
+    run_main(parser(), run, header, TABLE)
 
 
 if __name__ == "__main__":

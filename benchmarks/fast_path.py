@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from benchmarks._timing import markdown_table, median, paired_ratio, time_call, time_interleaved, write_json
-from benchmarks.transformer_step import DTYPES, SIZES, BenchSize
+from benchmarks._cli import add_output_args, add_run_args, new_parser, run_main
+from benchmarks._timing import median, paired_ratio, time_call, time_interleaved
+from benchmarks.transformer_step import BenchSize, add_device_args, device_dtype_size
 from model.network import UniViGUTransformer
 from model.pipeline import cast_transformer
 
@@ -68,9 +69,7 @@ def step_inputs(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build every variant, time them interleaved; a JSON-ready dict with one row per variant."""
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    size = SIZES[args.size]
+    device, dtype, size = device_dtype_size(args)
     torch.manual_seed(args.seed)
     base = UniViGUTransformer(size.config)
     networks = {
@@ -141,10 +140,8 @@ TABLE = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on the CPU, bfloat16 on CUDA")
+    p = new_parser(__doc__)
+    add_device_args(p)
     p.add_argument(
         "--variants",
         type=lambda text: text.split(","),
@@ -152,29 +149,35 @@ def parser() -> argparse.ArgumentParser:
         help=f"comma-separated, the first is the reference; from {sorted(VARIANTS)}",
     )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every variant once)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each variant after the first")
+    add_run_args(
+        p,
+        repeats=5,
+        repeats_help="timed rounds (each runs every variant once)",
+        warmup_help="untimed calls of each variant after the first",
+    )
     p.add_argument("--batch", type=int, default=2, help="B (2: a guided step)")
     p.add_argument("--text-tokens", type=int, default=20, help="L, the prompt in the text stream")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the full result here")
+    add_output_args(p)
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
+def check_variants(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
-    result = run(args)
-    write_json(result, args.json)
-    print(
+
+
+def header(result: dict[str, Any]) -> str:
+    return (
         f"{result['device_name']} ({result['threads']} threads), size {result['size']}, {result['dtype']}, "
         f"batch {result['batch']}, L {result['text_tokens']}, latent {result['latent']}, "
         f"{result['repeats']} rounds, compile backend {result['compile_backend']}; "
         f"reference {result['reference']}"
     )
-    print(markdown_table(result["rows"], TABLE))
+
+
+def main() -> None:
+    run_main(parser(), run, header, TABLE, check=check_variants)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from benchmarks._timing import markdown_table, median, paired_ratio, write_json
+from benchmarks._cli import add_output_args, add_run_args, add_shape_args, new_parser, run_main
+from benchmarks._timing import median, paired_ratio
 from benchmarks.end_to_end import PROMPT, StageTimer
 from model.media import psnr
 from model.pipeline import UniViGUPipeline, VideoResult
@@ -109,7 +110,7 @@ TABLE = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--preset", default="toy", help="a preset built in code (random weights; default toy)")
     p.add_argument("--wan", help="a Wan2.1 diffusers folder (with --checkpoint, the released .pth)")
     p.add_argument("--checkpoint", help="the Uni-ViGU .pth that goes with --wan")
@@ -120,27 +121,22 @@ def parser() -> argparse.ArgumentParser:
         default=[0.0, 0.05, 0.1, 0.2],
         help="comma-separated; the first is the reference (use 0: uncached)",
     )
-    p.add_argument("--height", type=int, help="default: the model's")
-    p.add_argument("--width", type=int, help="default: the model's")
-    p.add_argument("--frames", type=int, help="default: the model's")
-    p.add_argument("--steps", type=int, help="default: the model's")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed uncached calls first")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the full result here")
+    add_shape_args(p)
+    add_run_args(p, repeats=3, warmup_help="untimed uncached calls first")
+    add_output_args(p)
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
-    result = run(args)
-    write_json(result, args.json)
-    print(
+def header(result: dict[str, Any]) -> str:
+    return (
         f"{result['model']} ({result['num_layers']} blocks) on {result['device']} ({result['threads']} threads), "
         f"{result['dtype']}, {result['width']}x{result['height']}, {result['num_frames']} frames, "
         f"{result['steps']} steps, guidance {result['guidance_scale']:g}, median of {result['repeats']}"
     )
-    print(markdown_table(result["rows"], TABLE))
+
+
+def main() -> None:
+    run_main(parser(), run, header, TABLE)
 
 
 if __name__ == "__main__":

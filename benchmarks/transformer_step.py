@@ -43,16 +43,8 @@ import diffusers
 import torch
 from diffusers import WanTransformer3DModel
 
-from benchmarks._timing import (
-    markdown_table,
-    median,
-    mib,
-    paired_ratio,
-    parse_int_list,
-    peak_memory,
-    time_interleaved,
-    write_json,
-)
+from benchmarks._cli import add_output_args, add_run_args, new_parser, run_main
+from benchmarks._timing import median, mib, paired_ratio, parse_int_list, peak_memory, time_interleaved
 from model.checkpoint import build_transformer, wan_to_univigu
 from model.config import UniViGUConfig
 from model.network import UniViGUTransformer
@@ -98,6 +90,26 @@ SIZES = {
     "real": BenchSize(UniViGUConfig(), latent=(21, 60, 104), context_tokens=512),
 }
 """``real`` is Wan2.1-1.3B with the umT5 vocabulary at 480x832, 81 frames."""
+
+
+def add_device_args(
+    parser: argparse.ArgumentParser,
+    *,
+    size_help: str | None = None,
+    dtype_help: str = "default: float32 on the CPU, bfloat16 on CUDA",
+) -> None:
+    """``--device`` (default cpu), ``--size`` (of :data:`SIZES`, default small), ``--dtype`` (of
+    :data:`DTYPES`; unset: as served, float32 on the CPU and bfloat16 on CUDA)."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small", help=size_help)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help=dtype_help)
+
+
+def device_dtype_size(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, BenchSize]:
+    """What ``--device``, ``--dtype`` and ``--size`` (see :func:`add_device_args`) ask for."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    return device, dtype, SIZES[args.size]
 
 
 def video_tokens(config: UniViGUConfig, latent: tuple[int, int, int]) -> int:
@@ -176,9 +188,7 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build both networks, time them per text length; a JSON-ready dict with one row per length."""
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    size = SIZES[args.size]
+    device, dtype, size = device_dtype_size(args)
     config = size.config
     wan, ours = build_pair(size, device, dtype, args.attention_backend, args.seed)
 
@@ -298,12 +308,14 @@ TABLE = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on the CPU, bfloat16 on CUDA")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs both networks once)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each network first")
+    p = new_parser(__doc__)
+    add_device_args(p)
+    add_run_args(
+        p,
+        repeats=5,
+        repeats_help="timed rounds (each runs both networks once)",
+        warmup_help="untimed calls of each network first",
+    )
     p.add_argument("--text-tokens", type=parse_int_list, default=[0, 256], help="comma-separated L values")
     p.add_argument(
         "--masked-prompt",
@@ -314,23 +326,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="B (a guided step runs B=2)")
     p.add_argument("--attention-backend", default="native", help="diffusers dispatch backend for both")
     p.add_argument("--peak-size", type=int, help="n of the peak matmul (default 8192 on CUDA, 2048 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the full result here")
+    add_output_args(p)
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
-    result = run(args)
-    write_json(result, args.json)
-    print(
+def header(result: dict[str, Any]) -> str:
+    return (
         f"{result['device_name']} ({result['threads']} threads), size {result['size']}, {result['dtype']}, "
         f"batch {result['batch']}, latent {result['latent']} ({result['video_tokens']} video tokens), "
         f"Lc {result['context_tokens']}, {result['repeats']} rounds, "
         f"attention {result['attention_backend']}; "
         f"matmul peak {result['matmul_peak_tflops']:.4g} TFLOP/s (n = {result['matmul_peak_size']})"
     )
-    print(markdown_table(result["rows"], TABLE))
+
+
+def main() -> None:
+    run_main(parser(), run, header, TABLE)
 
 
 if __name__ == "__main__":

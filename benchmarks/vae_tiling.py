@@ -21,15 +21,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from benchmarks._timing import (
-    markdown_table,
-    median,
-    mib,
-    paired_ratio,
-    peak_memory,
-    time_interleaved,
-    write_json,
-)
+from benchmarks._cli import add_output_args, add_run_args, new_parser, run_main
+from benchmarks._timing import median, mib, paired_ratio, peak_memory, time_interleaved
 from model.config import VaeTiling
 from model.media import psnr
 from model.pipeline import UniViGUPipeline
@@ -97,7 +90,7 @@ TABLE = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--preset", default="tiny", help="a preset built in code (random VAE; default tiny)")
     p.add_argument("--wan", help="a Wan2.1 diffusers folder: its real VAE")
     p.add_argument("--device", default="cpu")
@@ -108,22 +101,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stride", type=int, default=VaeTiling.stride, help="tile stride in pixels (multiple of 8)"
     )
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the full result here")
+    add_run_args(p, repeats=3, warmup=False)
+    add_output_args(p)
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
-    result = run(args)
-    write_json(result, args.json)
-    print(
+def header(result: dict[str, Any]) -> str:
+    return (
         f"{result['model']} VAE on {result['device']} ({result['threads']} threads), {result['width']}x"
         f"{result['height']}, {result['frames']} frames, tile {result['tile']} stride {result['stride']}, "
         f"median of {result['repeats']}"
     )
-    print(markdown_table(result["rows"], TABLE))
+
+
+def main() -> None:
+    run_main(parser(), run, header, TABLE)
 
 
 if __name__ == "__main__":
