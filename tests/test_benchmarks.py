@@ -3,10 +3,13 @@ the FLOP formula, and the naive captioning reference against our sampler. No wal
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -33,22 +36,22 @@ def assert_number(value: object, *, positive: bool = False) -> None:
     assert value > 0 if positive else value >= 0, value
 
 
+TINY_VIDEO = {"height": 32, "width": 32, "frames": 5}
+
+
+def cli(**options: object) -> list[str]:
+    """``cli(text_tokens="0,8", repeats=2)`` -> ``["--text-tokens", "0,8", "--repeats", "2"]``."""
+    return [part for name, value in options.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def parse(script: ModuleType, **options: object) -> argparse.Namespace:
+    """The arguments of ``script`` (a benchmark module) on the command line ``cli(**options)``."""
+    return script.parser().parse_args(cli(**options))
+
+
 def test_transformer_step_tiny_matches_diffusers() -> None:
-    args = transformer_step.parser().parse_args(
-        [
-            "--size",
-            "tiny",
-            "--repeats",
-            "2",
-            "--warmup",
-            "0",
-            "--text-tokens",
-            "0,8",
-            "--masked-prompt",
-            "5",
-            "--peak-size",
-            "64",
-        ]
+    args = parse(
+        transformer_step, size="tiny", repeats=2, warmup=0, text_tokens="0,8", masked_prompt=5, peak_size=64
     )
     result = transformer_step.run(args)
 
@@ -105,9 +108,7 @@ def test_flop_formula_matches_torch_flop_counter(text_tokens: int) -> None:
 
 
 def test_caption_sampler_tiny_output() -> None:
-    args = caption_sampler.parser().parse_args(
-        ["--size", "tiny", "--vocab", "512", "--length", "16", "--repeats", "2", "--warmup", "0"]
-    )
+    args = parse(caption_sampler, size="tiny", vocab=512, length=16, repeats=2, warmup=0)
     result = caption_sampler.run(args)
 
     assert [row["update"] for row in result["rows"]] == ["naive", "ours"]
@@ -147,22 +148,7 @@ def test_naive_reference_and_our_sampler_agree_statistically(index: int) -> None
 
 
 def test_end_to_end_tiny_times_every_stage() -> None:
-    args = end_to_end.parser().parse_args(
-        [
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--steps",
-            "2",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--frames",
-            "5",
-        ]
-    )
+    args = parse(end_to_end, repeats=1, warmup=0, steps=2, **TINY_VIDEO)
     result = end_to_end.run(args)
 
     rows = {row["mode"]: row for row in result["rows"]}
@@ -180,20 +166,8 @@ def test_end_to_end_tiny_times_every_stage() -> None:
 
 
 def test_fast_path_variants_are_timed_side_by_side_and_agree_with_eager() -> None:
-    args = fast_path.parser().parse_args(
-        [
-            "--size",
-            "tiny",
-            "--variants",
-            "eager,math,auto,compiled",
-            "--compile-backend",
-            "aot_eager",
-            "--repeats",
-            "2",
-            "--warmup",
-            "0",
-        ]
-    )
+    variants = "eager,math,auto,compiled"
+    args = parse(fast_path, size="tiny", variants=variants, compile_backend="aot_eager", repeats=2, warmup=0)
     result = fast_path.run(args)
 
     rows = {row["variant"]: row for row in result["rows"]}
@@ -213,26 +187,7 @@ def test_fast_path_variants_are_timed_side_by_side_and_agree_with_eager() -> Non
 
 
 def test_step_cache_benchmark_reports_skips_speed_up_and_psnr() -> None:
-    args = step_cache.parser().parse_args(
-        [
-            "--preset",
-            "tiny",
-            "--thresholds",
-            "0,1",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--frames",
-            "5",
-            "--steps",
-            "3",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-        ]
-    )
+    args = parse(step_cache, preset="tiny", thresholds="0,1", **TINY_VIDEO, steps=3, repeats=1, warmup=0)
     result = step_cache.run(args)
 
     uncached, cached = result["rows"]
@@ -246,22 +201,7 @@ def test_step_cache_benchmark_reports_skips_speed_up_and_psnr() -> None:
 
 
 def test_vae_tiling_benchmark_compares_tiled_with_untiled() -> None:
-    args = vae_tiling.parser().parse_args(
-        [
-            "--height",
-            "64",
-            "--width",
-            "64",
-            "--frames",
-            "5",
-            "--tile",
-            "48",
-            "--stride",
-            "32",
-            "--repeats",
-            "1",
-        ]
-    )
+    args = parse(vae_tiling, height=64, width=64, frames=5, tile=48, stride=32, repeats=1)
     result = vae_tiling.run(args)
 
     untiled, tiled = result["rows"]
@@ -270,3 +210,28 @@ def test_vae_tiling_benchmark_compares_tiled_with_untiled() -> None:
     for row in result["rows"]:
         assert_number(row["decode_s"], positive=True)
         assert row["peak_mib"] is None or row["peak_mib"] >= 0
+
+
+def test_main_prints_header_and_table_and_writes_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A script's ``main`` (the shared ``run_main``) end to end, on the cheapest script."""
+    out = tmp_path / "result.json"
+    argv = cli(size="tiny", vocab=512, length=16, repeats=2, warmup=0, json=out)
+    monkeypatch.setattr(sys, "argv", ["caption_sampler.py", *argv])
+    caption_sampler.main()
+
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "caption_sampler" and result["repeats"] == 2
+    header, *table = capsys.readouterr().out.splitlines()
+    assert header == caption_sampler.header(result)
+    assert header.startswith("cpu (1 threads), B=1 L=16 V=512, step 25 of 50, forward: size tiny float32")
+    assert table[0] == "| " + " | ".join(caption_sampler.TABLE.values()) + " |"
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| naive", "| ours"]
+
+
+def test_fast_path_main_rejects_unknown_variants_before_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["fast_path.py", "--variants", "eager,bogus"])
+    monkeypatch.setattr(fast_path, "run", lambda args: pytest.fail("ran with an unknown variant"))
+    with pytest.raises(SystemExit, match=r"unknown variants \['bogus'\]"):
+        fast_path.main()

@@ -4,7 +4,6 @@ tiny CPU worker: a video sent as a `video_url` data URL comes back captioned as 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import numpy as np
 import openai
 import pytest
 from conftest import make_settings
-from live_http import LiveService, live_service, serve_gateway
+from live_http import LiveService, serve_gateway
+from openai_live import openai_fixtures
 
 from model.media import write_mp4
 from service.redis_client import connect_redis, job_store
@@ -24,16 +24,7 @@ from service.schemas import ServedModel
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-@pytest.fixture(scope="module")
-def live(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
-    with live_service(redis_server, tmp_path_factory.mktemp("openai-chat")) as service:
-        yield service
-
-
-@pytest.fixture
-def client(live: LiveService) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="test-key", max_retries=0) as sdk:
-        yield sdk
+live, client = openai_fixtures("openai-chat")
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import imageio_ffmpeg
 import openai
 import pytest
 from conftest import wait_for
-from live_http import LiveService, live_service, serve_gateway
-
-from service.redis_server import RedisServer
+from live_http import LiveService, serve_gateway
+from openai_live import openai_fixtures
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,16 +39,7 @@ STATUS = {
 }
 
 
-@pytest.fixture(scope="module")
-def live(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
-    with live_service(redis_server, tmp_path_factory.mktemp("openai-videos")) as service:
-        yield service
-
-
-@pytest.fixture
-def client(live: LiveService) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="test-key", max_retries=0) as sdk:
-        yield sdk
+live, client = openai_fixtures("openai-videos")
 
 
 @pytest.fixture
