@@ -9,7 +9,8 @@ from __future__ import annotations
 from model.errors import InvalidParameterError
 
 SIDE_MULTIPLE = 16
-"""Heights and widths are multiples of 16: the VAE downsamples 8x and the patch embedding 2x."""
+"""Heights and widths are multiples of 16: the VAE downsamples 8x and the patch embedding 2x (the toy
+model: 4x and 4x)."""
 FRAME_STRIDE = 4
 """Frame counts are ``4k + 1``: the VAE keeps the first frame and compresses the rest 4x in time."""
 

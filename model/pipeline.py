@@ -545,13 +545,15 @@ class UniViGUPipeline:
         )
 
     def _initial_latent(self, request: VideoRequest, generator: torch.Generator) -> torch.Tensor:
-        """Standard normal ``(1, C, f, H/8, W/8)``."""
+        """Standard normal ``(1, C, f, H/s, W/s)``; ``s`` is the VAE's spatial compression (8 for Wan's,
+        4 for the toy model's)."""
+        scale = self.vae.spatial_compression_ratio
         shape = (
             1,
             self.transformer.config.in_channels,
             params.latent_frames(request.num_frames),
-            request.height // 8,
-            request.width // 8,
+            request.height // scale,
+            request.width // scale,
         )
         return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
 
@@ -610,7 +612,7 @@ class UniViGUPipeline:
             self.vae.disable_tiling()
 
     def _encode_video(self, frames: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        """uint8 ``(T, H, W, 3)`` -> a posterior sample of the raw VAE latent ``(1, C, f, H/8, W/8)``."""
+        """uint8 ``(T, H, W, 3)`` -> a posterior sample of the raw VAE latent ``(1, C, f, H/s, W/s)``."""
         pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
         self._set_vae_tiling(pixels.shape[-2], pixels.shape[-1])
         return self.vae.encode(pixels).latent_dist.sample(generator)

@@ -22,7 +22,7 @@ from model.toyworld.detector import detect
 from model.toyworld.evaluate import evaluate_model
 from model.toyworld.make import make_dataset, scenes
 from model.toyworld.recipe import TOY_DATA, RecipeConfig
-from model.toyworld.vae import calibrate
+from model.toyworld.vae import LOG_VARIANCE, VAETrainConfig, calibrate, train_vae
 from model.toyworld.world import (
     COLOURS,
     FRAMES,
@@ -186,3 +186,30 @@ def test_vae_calibration_keeps_reconstructions_and_unit_scale_latents():
     assert torch.allclose(posterior.std, torch.full_like(posterior.std, 0.0025), rtol=0.01)
     assert torch.allclose(means.std(dim=(0, 2, 3, 4)), torch.ones(8), atol=1e-3)
     assert torch.allclose(means.mean(dim=(0, 2, 3, 4)), torch.zeros(8), atol=1e-4)
+
+
+def test_vae_training_runs_windows_then_whole_clips_and_calibrates():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**get_preset("toy").vae.to_kwargs())
+    clips = np.stack(
+        [render(s)[:9, ::2, ::2] for s in scenes(2, held_out=False, seed=0)]
+    )  # (2, 9, 32, 32, 3)
+    seen: list[int] = []  # latent frames decoded at each step
+    decode = vae.decode
+
+    def recording_decode(z: torch.Tensor, **kwargs):
+        seen.append(z.shape[2])
+        return decode(z, **kwargs)
+
+    vae.decode = recording_decode
+    config = VAETrainConfig(
+        steps=2, batch_size=1, whole_clip_steps=1, whole_clip_batch_size=1, calibration_clips=2
+    )
+    losses = train_vae(vae, clips, config)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert seen[:3] == [2, 2, 3]  # 5-frame windows (2 latent frames), then whole 9-frame clips (3)
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    pixels = torch.from_numpy(clips[0]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        logvar = vae.encode(pixels).latent_dist.logvar
+    assert torch.allclose(logvar, torch.full_like(logvar, LOG_VARIANCE))

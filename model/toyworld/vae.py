@@ -4,9 +4,16 @@ It is trained as a deterministic autoencoder: the decoder reconstructs the poste
 reparameterised samples a fresh VAE's posterior variance starts near 1 while its means are small, so
 the samples carry no information and reconstruction stalls (seen in a probe). A randomly initialised
 VAE also first learns to output black frames; the object-weighted squared error counts object pixels
-``1 + object_weight`` times, which moves it off that plateau. Clips are random windows of
-``clip_frames`` (a ``4k + 1`` count): the causal VAE applies the same weights to every 4-frame chunk,
-and short windows cost a fraction of a full clip.
+``1 + object_weight`` times, which moves it off that plateau.
+
+Two phases, each with a one-cycle learning rate (warm-up, then cosine annealing):
+
+1. ``steps`` on random windows of ``clip_frames`` (a ``4k + 1`` count), which cost a fraction of a full
+   clip. A window is a first frame and one 4-frame chunk, so this phase never trains the causal cache
+   that carries a chunk's features into the next one: after it, the first frames are reconstructed
+   well and later chunks drift in colour (colour read right on 72% of clips).
+2. ``whole_clip_steps`` on whole clips at a lower rate, which fixes the later chunks (colour 97%, motion
+   100% of clips read right by the detector after 600 steps).
 
 :func:`calibrate` then rewrites the two 1x1x1 convolutions around the latent, without changing any
 reconstruction, so that the posterior mean has zero mean and unit variance per channel (the scale of
@@ -29,10 +36,16 @@ StepCallback = Callable[[int, float], None]
 
 @dataclass(frozen=True)
 class VAETrainConfig:
-    steps: int = 1500
+    """The VAE stage (module docstring); ``warmup_fraction`` of each phase's steps warm the rate up."""
+
+    steps: int = 2500
     batch_size: int = 4
     clip_frames: int = 5  # 4k + 1
-    lr: float = 1e-3
+    lr: float = 2e-3
+    whole_clip_steps: int = 600
+    whole_clip_batch_size: int = 2
+    whole_clip_lr: float = 5e-4
+    warmup_fraction: float = 0.05
     object_weight: float = 20.0
     seed: int = 0
     calibration_clips: int = 32
@@ -63,27 +76,44 @@ def train_vae(
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    losses = []
-    for step in range(config.steps):
-        batch = []
-        for _ in range(config.batch_size):
-            clip = clips[rng.randrange(len(clips))]
-            start = rng.randrange(clip.shape[0] - config.clip_frames + 1)
-            batch.append(clip[start : start + config.clip_frames])
-        pixels = torch.from_numpy(np.stack(batch)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-        reconstruction = vae.decode(vae.encode(pixels).latent_dist.mean).sample
-        loss = reconstruction_loss(reconstruction, pixels, config.object_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step + 1, losses[-1])
+    phases = (
+        (config.steps, config.batch_size, config.clip_frames, config.lr),
+        (config.whole_clip_steps, config.whole_clip_batch_size, clips.shape[1], config.whole_clip_lr),
+    )
+    losses: list[float] = []
+    for steps, batch_size, frames, lr in phases:
+        if steps == 0:
+            continue
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=steps, pct_start=config.warmup_fraction
+        )
+        for _ in range(steps):
+            pixels = _windows(clips, batch_size, frames, rng)
+            reconstruction = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+            loss = reconstruction_loss(reconstruction, pixels, config.object_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
     vae.eval().requires_grad_(False)
     calibrate(vae, clips[: config.calibration_clips])
     return losses
+
+
+def _windows(clips: np.ndarray, batch_size: int, frames: int, rng: random.Random) -> torch.Tensor:
+    """``batch_size`` random windows of ``frames`` frames of ``clips (N, T, H, W, 3)`` uint8, as
+    ``(B, 3, frames, H, W)`` in [-1, 1]."""
+    batch = []
+    for _ in range(batch_size):
+        clip = clips[rng.randrange(len(clips))]
+        start = rng.randrange(clip.shape[0] - frames + 1)
+        batch.append(clip[start : start + frames])
+    return torch.from_numpy(np.stack(batch)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
 @torch.no_grad()
