@@ -4,9 +4,9 @@
 #   docker run IMAGE                                   # gateway on 0.0.0.0:8000 (the default CMD)
 #   docker run --gpus '"device=0"' IMAGE worker --device cuda:0 --weights /weights/univigu
 #   docker run --gpus all IMAGE train --stage recall --data ... --init ... --out ...
-# Weights are never baked in: mount them read-only at /weights. With no weights at all a worker
-# serves `--preset tiny` (random init); the trained toy model, once the repository ships it under
-# model/assets/toy, is package data and is reachable at /opt/univigu/toy.
+# Weights are never baked in: mount them read-only at /weights. Without weights a worker can serve
+# the trained toy-world model (a few MB of package data, model/assets/toy), reachable at
+# /opt/univigu/toy: `worker --weights /opt/univigu/toy`.
 #
 # torch comes from the PyTorch wheel index of the CUDA version of the base image (checked below).
 # Build for another CUDA 12.x with e.g.
@@ -64,7 +64,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     UNIVIGU_PORT=8000 \
     UNIVIGU_WORKER_METRICS_PORT=9100 \
     UNIVIGU_RESULTS_DIR=/data/results
-# /opt/univigu/toy: a stable path to the shipped toy model (package data; dangling until it ships).
+# /opt/univigu/toy: a stable path to the shipped toy model (package data).
 RUN mkdir -p /opt/univigu /weights /data/results \
     && python -c "import os, pathlib, model; os.symlink(pathlib.Path(model.__file__).parent / 'assets' / 'toy', '/opt/univigu/toy')" \
     && chown univigu:univigu /data/results

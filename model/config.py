@@ -128,6 +128,7 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 1
     temperal_downsample: tuple[bool, ...] = (False, True, True)
+    scale_factor_spatial: int = 8  # 2 ** len(temperal_downsample): diffusers reads it, never derives it
 
     def to_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``AutoencoderKLWan`` (it wants lists, not tuples)."""
@@ -227,6 +228,7 @@ PRESETS: dict[str, Preset] = {
             ffn_dim=512,
             in_channels=8,
             out_channels=8,
+            patch_size=(1, 4, 4),  # with the 4x VAE: a token covers 16x16 pixels, as in Wan
             text_dim=32,
             vocab_size=0,  # set from the built-in word tokenizer when the preset is built
         ),
@@ -243,8 +245,10 @@ PRESETS: dict[str, Preset] = {
             context_tokens=16,
         ),
         text_encoder=TextEncoderConfig(),
-        vae=VAEConfig(z_dim=8),
-        description="The toy-world size (hidden 192, 4 layers, 8 latent channels): what `univigu toyworld train` trains.",
+        # 4x spatial compression (two downsampling stages, both also halving time): with Wan's 8x, a
+        # 12-20 px object covered two latent pixels and the reconstructions lost its shape.
+        vae=VAEConfig(z_dim=8, dim_mult=(1, 2, 2), temperal_downsample=(True, True), scale_factor_spatial=4),
+        description="The toy-world size (hidden 192, 4 layers, a 4x VAE with 8 latent channels, 4x4 patches): what `univigu toyworld train` trains.",
     ),
 }
 
