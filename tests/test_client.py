@@ -19,8 +19,9 @@ from service.schemas import Job, JobStatus, JobType
 
 pytestmark = pytest.mark.slow
 
-# Runs long enough to be caught queued or running (it is canceled, never run to the end).
-LONG_VIDEO = {"height": 64, "width": 64, "num_frames": 17, "steps": 100}
+# Runs long enough to be caught queued or running (it is canceled, never run to the end); 64x64x17
+# finished before the cancel once workers warm up.
+LONG_VIDEO = {"height": 128, "width": 128, "num_frames": 33, "steps": 100}
 
 
 @pytest.fixture(scope="module")
