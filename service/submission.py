@@ -22,7 +22,7 @@ from model.media import VideoLimits, probe_video
 from service.dependencies import Caller, Services
 from service.errors import ApiError
 from service.jobs import Idempotency, JobNotFound, Submission
-from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType
+from service.schemas import Job, JobPage, JobRecord, JobStatus, JobType, ServedModel
 
 
 def new_job_id() -> str:
@@ -94,6 +94,19 @@ def submit_caption(
     if not submission.created:
         services.files.remove_upload(job_id)
     return submission
+
+
+def require_served_model(services: Services) -> ServedModel:
+    """What the workers serve (``GET /model``, ``GET /v1/models``); 503 before any worker has started."""
+    model = services.store.served_model()
+    if model is None:
+        raise ApiError(
+            503,
+            "no_workers",
+            "no worker has started yet, so no model is served; start one with `univigu worker`",
+            headers={"Retry-After": str(services.settings.retry_after_seconds)},
+        )
+    return model
 
 
 def check_against_served_model(services: Services, params: dict[str, Any]) -> None:

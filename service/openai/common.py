@@ -13,6 +13,7 @@ from service.dependencies import Caller, Services, ServicesDep, authenticate, sp
 from service.errors import ApiError
 from service.jobs import JobNotFound
 from service.schemas import MODEL_ALIAS, ServedModel
+from service.submission import require_served_model
 
 VIDEO_ID_PREFIX = "video_"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -45,19 +46,6 @@ async def openai_caller(request: Request, services: ServicesDep) -> Caller:
 OpenAICaller = Annotated[Caller, Depends(openai_caller)]
 
 
-def served_model(services: Services) -> ServedModel:
-    """What the workers serve; 503 before any worker has started (as ``GET /model``)."""
-    model = services.store.served_model()
-    if model is None:
-        raise ApiError(
-            503,
-            "no_workers",
-            "no worker has started yet, so no model is served; start one with `univigu worker`",
-            headers={"Retry-After": str(services.settings.retry_after_seconds)},
-        )
-    return model
-
-
 def model_names(model: ServedModel) -> list[str]:
     """The names that select the served model: its id (``univigu-<preset>``) and the alias ``univigu``."""
     return list(dict.fromkeys([model.id, MODEL_ALIAS]))
@@ -65,7 +53,7 @@ def model_names(model: ServedModel) -> list[str]:
 
 def resolve_model(services: Services, requested: str | None) -> ServedModel:
     """The served model, if ``requested`` names it (or is omitted); 404 model_not_found otherwise."""
-    model = served_model(services)
+    model = require_served_model(services)
     if requested is not None and requested not in model_names(model):
         raise ApiError(
             404,

@@ -6,9 +6,10 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from service.dependencies import ServicesDep
-from service.openai.common import OpenAICaller, resolve_model, served_model
+from service.openai.common import OpenAICaller, resolve_model
 from service.openai.errors import error_responses
 from service.openai.schemas import Model, ModelList
+from service.submission import require_served_model
 
 router = APIRouter(tags=["openai"])
 
@@ -16,7 +17,7 @@ router = APIRouter(tags=["openai"])
 @router.get("/models", response_model=ModelList, responses=error_responses(401, 503))
 async def list_models(services: ServicesDep, _: OpenAICaller) -> ModelList:
     """The served model (503 until a worker has started)."""
-    model = await run_in_threadpool(served_model, services)
+    model = await run_in_threadpool(require_served_model, services)
     return ModelList(data=[Model(id=model.id)])
 
 

@@ -9,6 +9,7 @@ from service.dependencies import ServicesDep
 from service.errors import ApiError
 from service.routes._responses import error_responses
 from service.schemas import ServedModel
+from service.submission import require_served_model
 
 router = APIRouter(tags=["operations"])
 
@@ -37,15 +38,7 @@ def readyz(services: ServicesDep) -> dict[str, int | str]:
 @router.get("/model", response_model=ServedModel, responses=error_responses(503))
 def served_model(services: ServicesDep) -> ServedModel:
     """The served model's preset, caption limit and the defaults of omitted options."""
-    model = services.store.served_model()
-    if model is None:
-        raise ApiError(
-            503,
-            "no_workers",
-            "no worker has started yet; start one with `univigu worker`",
-            headers={"Retry-After": str(services.settings.retry_after_seconds)},
-        )
-    return model
+    return require_served_model(services)
 
 
 @router.get("/metrics", response_class=Response)
