@@ -3,15 +3,20 @@
 Each script builds its parser with :func:`new_parser`, adds its own arguments and the shared ones in
 the order it wants them listed (:func:`add_shape_args`, :func:`add_run_args`, :func:`add_output_args`),
 and its ``main`` is :func:`run_main`: parse, run, write the JSON, print a header line and the table.
+Scripts that run the pipeline name their model with :func:`add_model_args` and load it with
+:func:`load_pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks._timing import markdown_table, write_json
+
+if TYPE_CHECKING:
+    from model.pipeline import UniViGUPipeline
 
 Result = dict[str, Any]
 
@@ -27,6 +32,33 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
     """``--height``, ``--width``, ``--frames``, ``--steps``; unset (None) means the model's default."""
     for name in ("--height", "--width", "--frames", "--steps"):
         parser.add_argument(name, type=int, help="default: the model's")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, default_preset: str) -> None:
+    """One model source: ``--preset`` (default ``default_preset``), ``--weights`` or ``--wan`` (with
+    ``--checkpoint``); and ``--device`` (default cpu)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--preset", help=f"a preset built in code, random weights (default: {default_preset})"
+    )
+    source.add_argument(
+        "--weights", help="a pipeline folder written by save_pretrained, e.g. model/assets/toy"
+    )
+    source.add_argument("--wan", help="a Wan2.1 diffusers folder (with --checkpoint, the released .pth)")
+    parser.add_argument("--checkpoint", help="the Uni-ViGU .pth that goes with --wan")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(default_preset=default_preset)
+
+
+def load_pipeline(args: argparse.Namespace) -> tuple[UniViGUPipeline, str]:
+    """The pipeline that :func:`add_model_args`' arguments name, and its name for the result."""
+    from model.pipeline import UniViGUPipeline
+
+    preset = None if args.weights or args.wan else args.preset or args.default_preset
+    pipe = UniViGUPipeline.load(
+        preset=preset, weights=args.weights, wan=args.wan, checkpoint=args.checkpoint, device=args.device
+    )
+    return pipe, preset or args.weights or args.wan
 
 
 def add_run_args(

@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._cli import add_output_args, add_run_args, add_shape_args, new_parser, run_main
+from benchmarks._cli import (
+    add_model_args,
+    add_output_args,
+    add_run_args,
+    add_shape_args,
+    load_pipeline,
+    new_parser,
+    run_main,
+)
 from benchmarks._timing import median, synchronize
 from model.media import write_mp4
 from model.pipeline import UniViGUPipeline
@@ -111,10 +119,7 @@ def timed_call(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build (or load) the pipeline, time each mode; a JSON-ready dict with one row per mode."""
-    preset = None if args.weights or args.wan else args.preset or "tiny"
-    pipe = UniViGUPipeline.load(
-        preset=preset, weights=args.weights, wan=args.wan, checkpoint=args.checkpoint, device=args.device
-    )
+    pipe, model = load_pipeline(args)
     timer = instrument(pipe)
     d = pipe.defaults
     height, width = args.height or d.height, args.width or d.width
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "end_to_end",
         "device": str(pipe.device),
         "threads": torch.get_num_threads(),
-        "model": preset or args.weights or args.wan,
+        "model": model,
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "height": height,
         "width": width,
@@ -164,12 +169,7 @@ TABLE = {"mode": "mode", **{f"{s}_s": f"{s} s" for s in (*STAGES, "other", "tota
 
 def parser() -> argparse.ArgumentParser:
     p = new_parser(__doc__)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--preset", help="a preset built in code (default: tiny)")
-    source.add_argument("--weights", help="a folder written by save_pretrained")
-    source.add_argument("--wan", help="a Wan2.1 diffusers folder (with --checkpoint, the released .pth)")
-    p.add_argument("--checkpoint", help="the Uni-ViGU .pth that goes with --wan")
-    p.add_argument("--device", default="cpu")
+    add_model_args(p, default_preset="tiny")
     p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help="comma-separated")
     add_shape_args(p)
     add_run_args(p, repeats=3, warmup_help="untimed calls of each mode first")

@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from benchmarks._cli import add_output_args, add_run_args, add_shape_args, new_parser, run_main
+from benchmarks._cli import (
+    add_model_args,
+    add_output_args,
+    add_run_args,
+    add_shape_args,
+    load_pipeline,
+    new_parser,
+    run_main,
+)
 from benchmarks._timing import median, paired_ratio
 from benchmarks.end_to_end import PROMPT, StageTimer
 from model.media import psnr
@@ -33,7 +41,7 @@ def timed_generate(
     """``(result, denoising loop s, whole call s)`` of one ``generate`` call."""
     timer.reset()
     start = time.perf_counter()
-    result = pipe.generate(PROMPT, **video, progress=timer.progress)
+    result = pipe.generate(**video, progress=timer.progress)
     total = time.perf_counter() - start
     assert timer.first_forward is not None and timer.last_progress is not None
     return result, timer.last_progress - timer.first_forward, total
@@ -41,8 +49,7 @@ def timed_generate(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Generate once per threshold and round; a JSON-ready dict with one row per threshold."""
-    preset = None if args.wan else args.preset
-    pipe = UniViGUPipeline.load(preset=preset, wan=args.wan, checkpoint=args.checkpoint, device=args.device)
+    pipe, model = load_pipeline(args)
     timer = StageTimer(pipe.device)
     timer.wrap(pipe.transformer, "embed", "transformer")  # the first embedding marks the loop's start
     d = pipe.defaults
@@ -52,13 +59,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "num_frames": args.frames or d.num_frames,
         "steps": args.steps or d.steps,
         "seed": args.seed,
+        "prompt": args.prompt,
     }
     thresholds = args.thresholds
     loops: dict[float, list[float]] = {t: [] for t in thresholds}
     calls: dict[float, list[float]] = {t: [] for t in thresholds}
     results: dict[float, VideoResult] = {}
     for _ in range(args.warmup):
-        pipe.generate(PROMPT, **video)
+        pipe.generate(**video)
     for round_index in range(args.repeats):
         for threshold in thresholds if round_index % 2 == 0 else reversed(thresholds):
             result, loop_s, call_s = timed_generate(pipe, timer, {**video, "step_cache": threshold})
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "step_cache",
         "device": str(pipe.device),
         "threads": torch.get_num_threads(),
-        "model": preset or args.wan,
+        "model": model,
         "num_layers": pipe.transformer.config.num_layers,
         "dtype": str(pipe.dtype).removeprefix("torch."),
         **video,
@@ -111,10 +119,8 @@ TABLE = {
 
 def parser() -> argparse.ArgumentParser:
     p = new_parser(__doc__)
-    p.add_argument("--preset", default="toy", help="a preset built in code (random weights; default toy)")
-    p.add_argument("--wan", help="a Wan2.1 diffusers folder (with --checkpoint, the released .pth)")
-    p.add_argument("--checkpoint", help="the Uni-ViGU .pth that goes with --wan")
-    p.add_argument("--device", default="cpu")
+    add_model_args(p, default_preset="toy")
+    p.add_argument("--prompt", default=PROMPT, help="default: the end-to-end benchmark's prompt")
     p.add_argument(
         "--thresholds",
         type=lambda text: [float(part) for part in text.split(",")],

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from benchmarks._cli import add_output_args, add_run_args, new_parser, run_main
+from benchmarks._cli import add_model_args, add_output_args, add_run_args, load_pipeline, new_parser, run_main
 from benchmarks._timing import median, mib, paired_ratio, peak_memory, time_interleaved
 from model.config import VaeTiling
 from model.media import psnr
-from model.pipeline import UniViGUPipeline
 
 
 def decode_frames(vae: AutoencoderKLWan, latent: torch.Tensor, tiling: VaeTiling | None) -> np.ndarray:
@@ -40,7 +39,7 @@ def decode_frames(vae: AutoencoderKLWan, latent: torch.Tensor, tiling: VaeTiling
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Decode untiled and tiled, interleaved; a JSON-ready dict with one row per way."""
-    pipe = UniViGUPipeline.load(preset=None if args.wan else args.preset, wan=args.wan, device=args.device)
+    pipe, model = load_pipeline(args)
     vae, device = pipe.vae, pipe.device
     scale = vae.spatial_compression_ratio
     shape = (1, vae.config.z_dim, (args.frames - 1) // 4 + 1, args.height // scale, args.width // scale)
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "vae_tiling",
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "model": args.wan or args.preset,
+        "model": model,
         "height": args.height,
         "width": args.width,
         "frames": args.frames,
@@ -91,9 +90,7 @@ TABLE = {
 
 def parser() -> argparse.ArgumentParser:
     p = new_parser(__doc__)
-    p.add_argument("--preset", default="tiny", help="a preset built in code (random VAE; default tiny)")
-    p.add_argument("--wan", help="a Wan2.1 diffusers folder: its real VAE")
-    p.add_argument("--device", default="cpu")
+    add_model_args(p, default_preset="tiny")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--frames", type=int, default=17, help="4k+1")

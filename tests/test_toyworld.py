@@ -22,7 +22,7 @@ from model.toyworld.detector import detect
 from model.toyworld.evaluate import evaluate_model
 from model.toyworld.make import make_dataset, scenes
 from model.toyworld.recipe import TOY_DATA, RecipeConfig
-from model.toyworld.vae import LOG_VARIANCE, VAETrainConfig, calibrate, train_vae
+from model.toyworld.vae import LOG_VARIANCE, VAETrainConfig, calibrate, refine_decoder, train_vae
 from model.toyworld.world import (
     COLOURS,
     FRAMES,
@@ -188,7 +188,7 @@ def test_vae_calibration_keeps_reconstructions_and_unit_scale_latents():
     assert torch.allclose(means.mean(dim=(0, 2, 3, 4)), torch.zeros(8), atol=1e-4)
 
 
-def test_vae_training_runs_windows_then_whole_clips_and_calibrates():
+def test_vae_training_runs_windows_then_whole_clips_then_the_decoder_and_calibrates():
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**get_preset("toy").vae.to_kwargs())
     clips = np.stack(
@@ -203,13 +203,56 @@ def test_vae_training_runs_windows_then_whole_clips_and_calibrates():
 
     vae.decode = recording_decode
     config = VAETrainConfig(
-        steps=2, batch_size=1, whole_clip_steps=1, whole_clip_batch_size=1, calibration_clips=2
+        steps=2,
+        batch_size=1,
+        whole_clip_steps=1,
+        whole_clip_batch_size=1,
+        decoder_steps=2,
+        decoder_batch_size=1,
+        calibration_clips=2,
     )
     losses = train_vae(vae, clips, config)
-    assert len(losses) == 3 and all(np.isfinite(losses))
-    assert seen[:3] == [2, 2, 3]  # 5-frame windows (2 latent frames), then whole 9-frame clips (3)
+    assert len(losses) == 5 and all(np.isfinite(losses))
+    # 5-frame windows (2 latent frames), then whole 9-frame clips (3), then the decoder on whole clips
+    assert seen == [2, 2, 3, 3, 3]
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     pixels = torch.from_numpy(clips[0]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     with torch.no_grad():
         logvar = vae.encode(pixels).latent_dist.logvar
     assert torch.allclose(logvar, torch.full_like(logvar, LOG_VARIANCE))
+
+
+def test_decoder_refinement_lowers_the_loss_and_leaves_the_encoder_as_it_was():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**get_preset("toy").vae.to_kwargs()).eval()
+    clips = np.stack(
+        [render(s)[:5, ::2, ::2] for s in scenes(1, held_out=False, seed=3)]
+    )  # (1, 5, 32, 32, 3)
+    encoder_before = {
+        k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder", "post_quant"))
+    }
+    decoder_before = vae.decoder.conv_out.weight.clone()
+    losses = refine_decoder(vae, clips, VAETrainConfig(decoder_steps=8, decoder_batch_size=1))
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in encoder_before.items())
+    assert not torch.equal(vae.decoder.conv_out.weight, decoder_before)
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+
+
+def test_refine_decoder_command_rewrites_only_the_decoder_of_a_model_folder(tmp_path):
+    from service.cli import main
+
+    model = UniViGUPipeline.from_preset("toy", seed=0).save_pretrained(tmp_path / "model")
+    manifest = make_dataset(2, tmp_path / "data", seed=0)
+    config = tmp_path / "recipe.toml"
+    config.write_text("[vae]\ndecoder_steps = 2\ndecoder_batch_size = 1\n")
+    before = AutoencoderKLWan.from_pretrained(model / "vae").state_dict()
+
+    assert (
+        main(["toyworld", "refine-decoder", str(model), "--data", str(manifest), "--config", str(config)])
+        == 0
+    )
+
+    after = AutoencoderKLWan.from_pretrained(model / "vae").state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)

@@ -35,7 +35,7 @@ from model.errors import InvalidParameterError
 from model.media import read_video
 from model.pipeline import UniViGUPipeline
 from model.toyworld.make import MANIFEST, make_dataset
-from model.toyworld.vae import VAETrainConfig, train_vae
+from model.toyworld.vae import VAETrainConfig, refine_decoder, train_vae
 from model.toyworld.world import FPS, FRAMES, SIDE
 from model.training.config import DataConfig, ObjectiveConfig, OptimConfig, TrainConfig, config_from_dict
 from model.training.trainer import FINAL_DIR, TrainRequest, train
@@ -138,6 +138,17 @@ def run_recipe(config: RecipeConfig, out: Path, *, ship: Path | None = None) -> 
         shutil.copytree(start, ship)
         return ship
     return start
+
+
+def refine_model_decoder(model: Path, manifest: Path, config: VAETrainConfig) -> Path:
+    """Phase 3 of the VAE stage alone (:func:`refine_decoder`) on the VAE of the trained pipeline folder
+    ``model``, in place, on the clips of ``manifest``. The encoder, and so everything the transformer
+    learned, stays as it was. Returns ``model``."""
+    vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32)
+    losses = refine_decoder(vae, _read_clips(manifest), config, on_step=_log_every(100, "decoder"))
+    logger.info("decoder: loss %.4f -> %.4f", losses[0], losses[-1])
+    vae.save_pretrained(model / "vae")
+    return model
 
 
 def _log_every(every: int, name: str):

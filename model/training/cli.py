@@ -1,4 +1,4 @@
-"""``univigu train`` and ``univigu toyworld make | train | eval``.
+"""``univigu train`` and ``univigu toyworld make | train | refine-decoder | eval``.
 
 Registered into the ``univigu`` command by :func:`model.cli.register`; torch is imported only inside
 the handlers. Multi-GPU: launch the same command under ``torchrun --nproc_per_node N -m model.cli
@@ -46,6 +46,15 @@ def register_training(subparsers: argparse._SubParsersAction) -> None:
     recipe.add_argument("--ship", type=Path, help="also copy the trained model here (e.g. model/assets/toy)")
     recipe.set_defaults(handler=_run_recipe)
 
+    decoder = commands.add_parser(
+        "refine-decoder",
+        help="train the VAE decoder of a trained model further (in place; the encoder does not change)",
+    )
+    decoder.add_argument("model", type=Path, help="a Uni-ViGU pipeline folder; its vae/ is rewritten")
+    decoder.add_argument("--data", type=Path, required=True, help="the toy manifest to reconstruct")
+    decoder.add_argument("--config", type=Path, help="TOML recipe config; its [vae] decoder_* fields apply")
+    decoder.set_defaults(handler=_run_refine_decoder)
+
     evaluate = commands.add_parser("eval", help="captioning, text-to-video and joint accuracy as JSON")
     evaluate.add_argument("model", type=Path, help="a Uni-ViGU pipeline folder")
     evaluate.add_argument("--n", type=int, default=60, help="clips per split and mode (default 60)")
@@ -86,6 +95,13 @@ def _run_recipe(args: argparse.Namespace) -> None:
 
     config = RecipeConfig.from_toml(args.config) if args.config else RecipeConfig()
     print(run_recipe(config, args.out, ship=args.ship))
+
+
+def _run_refine_decoder(args: argparse.Namespace) -> None:
+    from model.toyworld.recipe import RecipeConfig, refine_model_decoder
+
+    config = RecipeConfig.from_toml(args.config) if args.config else RecipeConfig()
+    print(refine_model_decoder(args.model, args.data, config.vae))
 
 
 def _run_eval(args: argparse.Namespace) -> None:
