@@ -256,3 +256,11 @@ def test_refine_decoder_command_rewrites_only_the_decoder_of_a_model_folder(tmp_
     after = AutoencoderKLWan.from_pretrained(model / "vae").state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)
+
+
+def test_refine_decoder_refuses_a_folder_without_a_vae(tmp_path):
+    from model.errors import InvalidParameterError
+    from model.toyworld.recipe import refine_model_decoder
+
+    with pytest.raises(InvalidParameterError, match="no vae/config.json"):
+        refine_model_decoder(tmp_path, tmp_path / "manifest.jsonl", VAETrainConfig())

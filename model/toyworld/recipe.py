@@ -144,6 +144,13 @@ def refine_model_decoder(model: Path, manifest: Path, config: VAETrainConfig) ->
     """Phase 3 of the VAE stage alone (:func:`refine_decoder`) on the VAE of the trained pipeline folder
     ``model``, in place, on the clips of ``manifest``. The encoder, and so everything the transformer
     learned, stays as it was. Returns ``model``."""
+    if not (model / "vae" / "config.json").is_file():
+        raise InvalidParameterError(
+            f"{model} has no vae/config.json; give a pipeline folder written by save_pretrained",
+            param="model",
+        )
+    if config.decoder_steps < 1:
+        raise InvalidParameterError("decoder_steps must be at least 1", param="decoder_steps")
     vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32)
     losses = refine_decoder(vae, _read_clips(manifest), config, on_step=_log_every(100, "decoder"))
     logger.info("decoder: loss %.4f -> %.4f", losses[0], losses[-1])
