@@ -3,8 +3,10 @@
 Runs in a thread (blocking Redis and file work stays off the event loop). Several gateways may run it
 at once: each transition is atomic in the job store.
 
-After Redis was unreachable, no job is reaped for one heartbeat TTL: heartbeats expired during the
-outage (or were never written), and the workers need that long to refresh them. Without this grace, a
+After Redis was unreachable, no job is reaped until one heartbeat TTL after Redis answers again:
+heartbeats expired during the outage (or were never written), and the workers need that long to
+refresh them. (Counting the TTL from the last failed attempt instead left less than a TTL once Redis
+was back, and a CI run saw a live worker's job reaped.) Without this grace, a
 Redis restart would fail every running job as ``worker_lost`` although its worker is alive.
 """
 
@@ -65,8 +67,13 @@ class Maintenance:
     def _run(self) -> None:
         next_cleanup = 0.0
         reap_from = 0.0
+        recovering = False  # Redis was unreachable and has not answered since
         while not self._stop.wait(self.settings.reaper_interval_seconds):
             try:
+                if recovering:  # the grace starts when Redis answers again, not at the last failure
+                    self.store.redis.ping()
+                    reap_from = time.monotonic() + self.settings.heartbeat_ttl_seconds
+                    recovering = False
                 if time.monotonic() >= reap_from:
                     reap_lost_jobs(self.store, self.metrics)
                 if time.monotonic() >= next_cleanup:
@@ -74,4 +81,4 @@ class Maintenance:
                     next_cleanup = time.monotonic() + self.settings.cleanup_interval_seconds
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("maintenance skipped, Redis unreachable: %s", exc)
-                reap_from = time.monotonic() + self.settings.heartbeat_ttl_seconds
+                recovering = True
