@@ -164,24 +164,31 @@ def test_eval_report_scores_every_mode_and_split(tmp_path):
             assert rates["all"] <= min(rates["shape"], rates["colour"], rates["motion"])
 
 
+def _fresh_toy_vae(*, seed: int = 0) -> AutoencoderKLWan:
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(**get_preset("toy").vae.to_kwargs()).eval()
+
+
+def _small_clips(n: int, frames: int, seed: int) -> np.ndarray:
+    """``(n, frames, 32, 32, 3)`` uint8: the first frames of seen-pair clips at half size."""
+    return np.stack([render(s)[:frames, ::2, ::2] for s in scenes(n, held_out=False, seed=seed)])
+
+
+def _pixels(clip: np.ndarray) -> torch.Tensor:
+    """uint8 ``(T, H, W, 3)`` -> ``(1, 3, T, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+
+
 def test_vae_calibration_keeps_reconstructions_and_unit_scale_latents():
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**get_preset("toy").vae.to_kwargs()).eval()
-    clips = np.stack(
-        [render(s)[:5, ::2, ::2] for s in scenes(3, held_out=False, seed=0)]
-    )  # (3, 5, 32, 32, 3)
-    pixels = torch.from_numpy(clips[0]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    vae = _fresh_toy_vae()
+    clips = _small_clips(3, 5, seed=0)
+    pixels = _pixels(clips[0])
     with torch.no_grad():
         before = vae.decode(vae.encode(pixels).latent_dist.mean).sample
         calibrate(vae, clips)
         posterior = vae.encode(pixels).latent_dist
         after = vae.decode(posterior.sample()).sample
-        means = torch.cat(
-            [
-                vae.encode(torch.from_numpy(c).permute(3, 0, 1, 2)[None].float() / 127.5 - 1).latent_dist.mean
-                for c in clips
-            ]
-        )
+        means = torch.cat([vae.encode(_pixels(c)).latent_dist.mean for c in clips])
     assert torch.allclose(after, before, atol=2e-3)
     assert torch.allclose(posterior.std, torch.full_like(posterior.std, 0.0025), rtol=0.01)
     assert torch.allclose(means.std(dim=(0, 2, 3, 4)), torch.ones(8), atol=1e-3)
@@ -189,11 +196,8 @@ def test_vae_calibration_keeps_reconstructions_and_unit_scale_latents():
 
 
 def test_vae_training_runs_windows_then_whole_clips_then_the_decoder_and_calibrates():
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**get_preset("toy").vae.to_kwargs())
-    clips = np.stack(
-        [render(s)[:9, ::2, ::2] for s in scenes(2, held_out=False, seed=0)]
-    )  # (2, 9, 32, 32, 3)
+    vae = _fresh_toy_vae().train()
+    clips = _small_clips(2, 9, seed=0)
     seen: list[int] = []  # latent frames decoded at each step
     decode = vae.decode
 
@@ -216,18 +220,14 @@ def test_vae_training_runs_windows_then_whole_clips_then_the_decoder_and_calibra
     # 5-frame windows (2 latent frames), then whole 9-frame clips (3), then the decoder on whole clips
     assert seen == [2, 2, 3, 3, 3]
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
-    pixels = torch.from_numpy(clips[0]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     with torch.no_grad():
-        logvar = vae.encode(pixels).latent_dist.logvar
+        logvar = vae.encode(_pixels(clips[0])).latent_dist.logvar
     assert torch.allclose(logvar, torch.full_like(logvar, LOG_VARIANCE))
 
 
 def test_decoder_refinement_lowers_the_loss_and_leaves_the_encoder_as_it_was():
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**get_preset("toy").vae.to_kwargs()).eval()
-    clips = np.stack(
-        [render(s)[:5, ::2, ::2] for s in scenes(1, held_out=False, seed=3)]
-    )  # (1, 5, 32, 32, 3)
+    vae = _fresh_toy_vae()
+    clips = _small_clips(1, 5, seed=3)
     encoder_before = {
         k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder", "post_quant"))
     }
