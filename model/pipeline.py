@@ -432,6 +432,15 @@ class UniViGUPipeline:
         return CaptionResult(self.text.decode(ids), ids, seed)
 
     @torch.inference_mode()
+    def reconstruct(self, video: str | Path | np.ndarray, *, seed: int | None = None) -> np.ndarray:
+        """The VAE's round trip: ``video`` (taken as :meth:`caption` takes it) encoded to a posterior
+        sample and decoded again, uint8 ``(T, H, W, 3)``. The best any generated video can look; the
+        toy evaluation reads it as the ceiling of text-to-video."""
+        frames = self._fit_video(video)
+        _, generator = self._seeded(seed)
+        return self._decode(self._encode_video(frames, generator))
+
+    @torch.inference_mode()
     def joint(
         self,
         prompt: str,
