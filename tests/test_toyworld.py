@@ -23,7 +23,14 @@ from model.toyworld.detector import detect
 from model.toyworld.evaluate import evaluate_model
 from model.toyworld.make import make_dataset, scenes
 from model.toyworld.recipe import TOY_DATA, RecipeConfig
-from model.toyworld.vae import LOG_VARIANCE, VAETrainConfig, calibrate, refine_decoder, train_vae
+from model.toyworld.vae import (
+    LOG_VARIANCE,
+    VAETrainConfig,
+    as_pixels,
+    calibrate,
+    refine_decoder,
+    train_vae,
+)
 from model.toyworld.world import (
     COLOURS,
     FRAMES,
@@ -198,21 +205,16 @@ def _small_clips(n: int, frames: int, seed: int) -> np.ndarray:
     return np.stack([render(s)[:frames, ::2, ::2] for s in scenes(n, held_out=False, seed=seed)])
 
 
-def _pixels(clip: np.ndarray) -> torch.Tensor:
-    """uint8 ``(T, H, W, 3)`` -> ``(1, 3, T, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-
-
 def test_vae_calibration_keeps_reconstructions_and_unit_scale_latents():
     vae = _fresh_toy_vae()
     clips = _small_clips(3, 5, seed=0)
-    pixels = _pixels(clips[0])
+    pixels = as_pixels(clips[0][None])
     with torch.no_grad():
         before = vae.decode(vae.encode(pixels).latent_dist.mean).sample
         calibrate(vae, clips)
         posterior = vae.encode(pixels).latent_dist
         after = vae.decode(posterior.sample()).sample
-        means = torch.cat([vae.encode(_pixels(c)).latent_dist.mean for c in clips])
+        means = torch.cat([vae.encode(as_pixels(c[None])).latent_dist.mean for c in clips])
     assert torch.allclose(after, before, atol=2e-3)
     assert torch.allclose(posterior.std, torch.full_like(posterior.std, 0.0025), rtol=0.01)
     assert torch.allclose(means.std(dim=(0, 2, 3, 4)), torch.ones(8), atol=1e-3)
@@ -245,7 +247,7 @@ def test_vae_training_runs_windows_then_whole_clips_then_the_decoder_and_calibra
     assert seen == [2, 2, 3, 3, 3]
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     with torch.no_grad():
-        logvar = vae.encode(_pixels(clips[0])).latent_dist.logvar
+        logvar = vae.encode(as_pixels(clips[0][None])).latent_dist.logvar
     assert torch.allclose(logvar, torch.full_like(logvar, LOG_VARIANCE))
 
 

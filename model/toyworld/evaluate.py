@@ -15,7 +15,9 @@ For fresh scenes of the seen colour+shape pairs and, separately, of the held-out
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from model.pipeline import UniViGUPipeline
 from model.toyworld.describe import Attributes, parse_description
@@ -24,6 +26,7 @@ from model.toyworld.make import scenes
 from model.toyworld.world import Scene, prompt_of, render
 
 ATTRIBUTES = ("shape", "colour", "motion", "all")
+T = TypeVar("T")
 
 
 def _rates(results: list[dict[str, bool]]) -> dict[str, float]:
@@ -50,6 +53,13 @@ def _reconstruction(pipe: UniViGUPipeline, scene: Scene, seed: int) -> dict[str,
     return detect(pipe.reconstruct(render(scene), seed=seed)).matches(Attributes.of(scene))
 
 
+def _per_scene(
+    mode: Callable[[UniViGUPipeline, Scene, int], T], pipe: UniViGUPipeline, test: list[Scene], seed: int
+) -> list[T]:
+    """``mode`` on every scene of ``test``, the i-th with seed ``seed + i``."""
+    return [mode(pipe, scene, seed + i) for i, scene in enumerate(test)]
+
+
 def evaluate_model(model: Path, *, n: int = 60, seed: int = 1234) -> dict:
     """The report for the pipeline folder ``model`` on ``n`` fresh scenes per split and mode."""
     pipe = UniViGUPipeline.from_pretrained(model)
@@ -61,14 +71,12 @@ def evaluate_model(model: Path, *, n: int = 60, seed: int = 1234) -> dict:
     }
     for split, held_out in (("seen", False), ("held_out", True)):
         test = scenes(n, held_out=held_out, seed=seed + int(held_out))
-        joint = [_joint(pipe, scene, seed + i) for i, scene in enumerate(test)]
+        joint = _per_scene(_joint, pipe, test, seed)
         report[split] = {
-            "captioning": _rates([_caption(pipe, scene, seed + i) for i, scene in enumerate(test)]),
-            "text_to_video": _rates([_text_to_video(pipe, scene, seed + i) for i, scene in enumerate(test)]),
+            "captioning": _rates(_per_scene(_caption, pipe, test, seed)),
+            "text_to_video": _rates(_per_scene(_text_to_video, pipe, test, seed)),
             "joint_agreement": _rates([agreement for agreement, _ in joint]),
             "joint_video_adherence": _rates([adherence for _, adherence in joint]),
-            "reconstruction": _rates(
-                [_reconstruction(pipe, scene, seed + i) for i, scene in enumerate(test)]
-            ),
+            "reconstruction": _rates(_per_scene(_reconstruction, pipe, test, seed)),
         }
     return report
