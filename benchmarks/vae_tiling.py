@@ -25,6 +25,7 @@ from benchmarks._cli import add_model_args, add_output_args, add_run_args, load_
 from benchmarks._timing import median, mib, paired_ratio, peak_memory, time_interleaved
 from model.config import VaeTiling
 from model.media import psnr
+from model.pixels import pixels_to_frames
 
 
 def decode_frames(vae: AutoencoderKLWan, latent: torch.Tensor, tiling: VaeTiling | None) -> np.ndarray:
@@ -33,8 +34,7 @@ def decode_frames(vae: AutoencoderKLWan, latent: torch.Tensor, tiling: VaeTiling
         vae.disable_tiling()
     else:
         vae.enable_tiling(tiling.tile, tiling.tile, tiling.stride, tiling.stride)
-    pixels = vae.decode(latent).sample[0].clamp(-1.0, 1.0)  # (3, T, H, W)
-    return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    return pixels_to_frames(vae.decode(latent).sample[0])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

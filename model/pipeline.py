@@ -37,6 +37,7 @@ from model.checkpoint import (
 from model.config import SamplingDefaults, UniViGUConfig, VaeTiling, get_preset
 from model.errors import Canceled, CheckpointError, InvalidParameterError
 from model.network import UniViGUTransformer
+from model.pixels import frames_to_pixels, pixels_to_frames
 from model.samplers import (
     MixturePathTextSampler,
     VideoSamplerName,
@@ -622,7 +623,7 @@ class UniViGUPipeline:
 
     def _encode_video(self, frames: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """uint8 ``(T, H, W, 3)`` -> a posterior sample of the raw VAE latent ``(1, C, f, H/s, W/s)``."""
-        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        pixels = frames_to_pixels(frames[None], self.device)  # (1, 3, T, H, W)
         self._set_vae_tiling(pixels.shape[-2], pixels.shape[-1])
         return self.vae.encode(pixels).latent_dist.sample(generator)
 
@@ -630,8 +631,7 @@ class UniViGUPipeline:
         """Raw latent ``(1, C, f, h, w)`` -> uint8 frames ``(T, H, W, 3)``."""
         scale = self.vae.spatial_compression_ratio
         self._set_vae_tiling(scale * latent.shape[-2], scale * latent.shape[-1])
-        pixels = self.vae.decode(latent.float()).sample[0].clamp(-1.0, 1.0)  # (3, T, H, W)
-        return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+        return pixels_to_frames(self.vae.decode(latent.float()).sample[0])
 
 
 def _skipped_steps(network: Denoiser) -> int:

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
+from model.pixels import frames_to_pixels
+
 StepCallback = Callable[[int, float], None]
 
 
@@ -127,7 +129,10 @@ def refine_decoder(
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat(
-            [vae.encode(as_pixels(clips[i : i + 16])).latent_dist.mean for i in range(0, len(clips), 16)]
+            [
+                vae.encode(frames_to_pixels(clips[i : i + 16])).latent_dist.mean
+                for i in range(0, len(clips), 16)
+            ]
         )  # (N, z, f, h, w)
     decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for parameter in decoder:
@@ -137,7 +142,7 @@ def refine_decoder(
     def batch_loss() -> torch.Tensor:
         chosen = [rng.randrange(len(clips)) for _ in range(config.decoder_batch_size)]
         reconstruction = vae.decode(latents[chosen]).sample
-        return reconstruction_loss(reconstruction, as_pixels(clips[chosen]), config.object_weight)
+        return reconstruction_loss(reconstruction, frames_to_pixels(clips[chosen]), config.object_weight)
 
     _optimise(
         decoder, config.decoder_steps, config.decoder_lr, config.warmup_fraction, batch_loss, losses, on_step
@@ -183,12 +188,7 @@ def _windows(clips: np.ndarray, batch_size: int, frames: int, rng: random.Random
         clip = clips[rng.randrange(len(clips))]
         start = rng.randrange(clip.shape[0] - frames + 1)
         batch.append(clip[start : start + frames])
-    return as_pixels(np.stack(batch))
-
-
-def as_pixels(clips: np.ndarray) -> torch.Tensor:
-    """uint8 ``clips (B, T, H, W, 3)`` -> float ``(B, 3, T, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    return frames_to_pixels(np.stack(batch))
 
 
 @torch.no_grad()
@@ -200,7 +200,7 @@ def calibrate(vae: AutoencoderKLWan, clips: np.ndarray) -> None:
     """
     z_dim = vae.config.z_dim
     means = torch.cat(
-        [vae.encode(as_pixels(clip[None])).latent_dist.mean for clip in clips]
+        [vae.encode(frames_to_pixels(clip[None])).latent_dist.mean for clip in clips]
     )  # (N, z, f, h, w)
     shift = means.mean(dim=(0, 2, 3, 4))  # (z,)
     scale = means.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)  # (z,)
