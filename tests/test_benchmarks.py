@@ -18,7 +18,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
-from benchmarks import caption_sampler, end_to_end, fast_path, step_cache, transformer_step, vae_tiling
+from benchmarks import (
+    caption_sampler,
+    end_to_end,
+    fast_path,
+    latent_cache,
+    step_cache,
+    transformer_step,
+    vae_tiling,
+)
 from model.samplers import MixturePathTextSampler
 
 
@@ -210,6 +218,19 @@ def test_vae_tiling_benchmark_compares_tiled_with_untiled() -> None:
     for row in result["rows"]:
         assert_number(row["decode_s"], positive=True)
         assert row["peak_mib"] is None or row["peak_mib"] >= 0
+
+
+def test_latent_cache_benchmark_fills_the_cache_both_ways() -> None:
+    args = parse(latent_cache, preset="toy", clips=3, repeats=1, warmup=0)
+    result = latent_cache.run(args)
+
+    one_by_one, batched = result["rows"]
+    assert (one_by_one["way"], one_by_one["ratio"]) == ("one call per video", 1.0)
+    assert batched["way"] == "one call for all"
+    assert result["geometry"] == {"height": 64, "width": 64, "num_frames": 17, "fps": 8}
+    for row in result["rows"]:
+        assert_number(row["ms_per_clip"], positive=True)
+        assert_number(row["ratio"], positive=True)
 
 
 def test_main_prints_header_and_table_and_writes_json(

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from model.checkpoint import load_transformer_folder
-from model.errors import InvalidParameterError, ManifestError
+from model.errors import InvalidParameterError, InvalidVideoError, ManifestError
 from model.pipeline import UniViGUPipeline
 from model.toyworld.make import make_dataset
 from model.training.batch import build_batch
 from model.training.config import DataConfig, ObjectiveConfig, OptimConfig, TrainConfig
-from model.training.data import LatentCache, VideoGeometry, prepare_dataset
+from model.training.data import LatentCache, VideoGeometry, load_posterior, prepare_dataset
 from model.training.objective import (
     CLEAN_TEXT,
     CLEAN_VIDEO,
@@ -258,9 +258,25 @@ def test_manifests_without_usable_rows_are_errors(tmp_path, cache):
 def test_latents_are_cached_once(manifest, cache):
     latent_cache, _ = cache
     video = manifest.parent / "videos" / "00000.mp4"
-    path = latent_cache.ensure(video)
+    [path] = latent_cache.ensure_all([video])
     stamp = path.stat().st_mtime_ns
-    assert latent_cache.ensure(video) == path and path.stat().st_mtime_ns == stamp
+    assert latent_cache.ensure_all([video]) == [path] and path.stat().st_mtime_ns == stamp
+
+
+def test_batched_latents_equal_one_at_a_time(tmp_path, manifest, init_folder):
+    """A batch of videos, one unreadable among them, caches what encoding each alone caches."""
+    pipe = UniViGUPipeline.from_pretrained(init_folder)
+    geometry = VideoGeometry(32, 32, 5, 8)
+    videos = sorted((manifest.parent / "videos").iterdir())[:3]
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    batched = LatentCache(tmp_path / "batched", pipe.vae, geometry).ensure_all(
+        [videos[0], tmp_path / "broken.mp4", *videos[1:]]
+    )
+    assert isinstance(batched[1], InvalidVideoError)
+    for video, path in zip(videos, [batched[0], *batched[2:]], strict=True):
+        [alone] = LatentCache(tmp_path / f"alone-{video.stem}", pipe.vae, geometry).ensure_all([video])
+        for batch_tensor, alone_tensor in zip(load_posterior(path), load_posterior(alone), strict=True):
+            torch.testing.assert_close(batch_tensor, alone_tensor, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- objective pieces
