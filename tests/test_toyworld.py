@@ -15,8 +15,10 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from model.config import get_preset
+from model.errors import InvalidParameterError
 from model.media import read_video
 from model.pipeline import UniViGUPipeline
+from model.pixels import frames_to_pixels
 from model.text import build_tiny_tokenizer
 from model.toyworld.describe import Attributes, parse_description
 from model.toyworld.detector import detect
@@ -26,7 +28,6 @@ from model.toyworld.recipe import TOY_DATA, RecipeConfig
 from model.toyworld.vae import (
     LOG_VARIANCE,
     VAETrainConfig,
-    as_pixels,
     calibrate,
     refine_decoder,
     train_vae,
@@ -158,10 +159,16 @@ def test_recipe_config_overrides_single_fields(tmp_path):
     assert config.refine.data == TOY_DATA and config.recall == defaults.recall
 
 
-def test_eval_report_scores_every_mode_and_split(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_eval_model(tmp_path_factory) -> Path:
+    """A random tiny pipeline folder sampling 32x32, 5 frames, 2 steps: the cheapest model to evaluate."""
     pipe = UniViGUPipeline.from_preset("tiny", seed=0)
     pipe.defaults = dataclasses.replace(pipe.defaults, height=32, width=32, num_frames=5, steps=2)
-    report = evaluate_model(pipe.save_pretrained(tmp_path / "model"), n=1, seed=3)
+    return pipe.save_pretrained(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_eval_report_scores_every_mode_and_split(tiny_eval_model):
+    report = evaluate_model(tiny_eval_model, n=1, seed=3)
     assert report["clips_per_split"] == 1 and report["sampling"]["steps"] == 2
     for split in ("seen", "held_out"):
         modes = report[split]
@@ -176,6 +183,15 @@ def test_eval_report_scores_every_mode_and_split(tmp_path):
             assert set(rates) == {"shape", "colour", "motion", "all"}
             assert all(0.0 <= rate <= 1.0 for rate in rates.values())
             assert rates["all"] <= min(rates["shape"], rates["colour"], rates["motion"])
+
+
+def test_eval_generates_with_the_step_cache_it_is_given(tiny_eval_model):
+    """The threshold reaches every generated video: it is recorded, and a bad one is the pipeline's error."""
+    report = evaluate_model(tiny_eval_model, n=1, seed=3, step_cache=0.1)
+    guidance = UniViGUPipeline.from_pretrained(tiny_eval_model).defaults.guidance_scale
+    assert report["sampling"] == {"steps": 2, "guidance_scale": guidance, "step_cache": 0.1}
+    with pytest.raises(InvalidParameterError, match="step_cache"):
+        evaluate_model(tiny_eval_model, n=1, seed=3, step_cache=-1.0)
 
 
 SHIPPED_TOY_MODEL = Path(__file__).resolve().parents[1] / "model" / "assets" / "toy"
@@ -208,13 +224,13 @@ def _small_clips(n: int, frames: int, seed: int) -> np.ndarray:
 def test_vae_calibration_keeps_reconstructions_and_unit_scale_latents():
     vae = _fresh_toy_vae()
     clips = _small_clips(3, 5, seed=0)
-    pixels = as_pixels(clips[0][None])
+    pixels = frames_to_pixels(clips[0][None])
     with torch.no_grad():
         before = vae.decode(vae.encode(pixels).latent_dist.mean).sample
         calibrate(vae, clips)
         posterior = vae.encode(pixels).latent_dist
         after = vae.decode(posterior.sample()).sample
-        means = torch.cat([vae.encode(as_pixels(c[None])).latent_dist.mean for c in clips])
+        means = torch.cat([vae.encode(frames_to_pixels(c[None])).latent_dist.mean for c in clips])
     assert torch.allclose(after, before, atol=2e-3)
     assert torch.allclose(posterior.std, torch.full_like(posterior.std, 0.0025), rtol=0.01)
     assert torch.allclose(means.std(dim=(0, 2, 3, 4)), torch.ones(8), atol=1e-3)
@@ -247,7 +263,7 @@ def test_vae_training_runs_windows_then_whole_clips_then_the_decoder_and_calibra
     assert seen == [2, 2, 3, 3, 3]
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     with torch.no_grad():
-        logvar = vae.encode(as_pixels(clips[0][None])).latent_dist.logvar
+        logvar = vae.encode(frames_to_pixels(clips[0][None])).latent_dist.logvar
     assert torch.allclose(logvar, torch.full_like(logvar, LOG_VARIANCE))
 
 

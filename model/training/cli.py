@@ -59,6 +59,12 @@ def register_training(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("model", type=Path, help="a Uni-ViGU pipeline folder")
     evaluate.add_argument("--n", type=int, default=60, help="clips per split and mode (default 60)")
     evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument(
+        "--step-cache",
+        type=float,
+        metavar="THRESHOLD",
+        help="generate text-to-video and joint videos with the first-block step cache (default: off)",
+    )
     evaluate.add_argument("--out", type=Path, help="JSON path (default: print to stdout)")
     evaluate.set_defaults(handler=_run_eval)
 
@@ -107,7 +113,7 @@ def _run_refine_decoder(args: argparse.Namespace) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     from model.toyworld.evaluate import evaluate_model
 
-    report = evaluate_model(args.model, n=args.n, seed=args.seed)
+    report = evaluate_model(args.model, n=args.n, seed=args.seed, step_cache=args.step_cache)
     text = json.dumps(report, indent=2)
     if args.out is None:
         print(text)
