@@ -16,11 +16,9 @@ import logging
 import threading
 import time
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from service.jobs import JobStore
 from service.metrics import GatewayMetrics
+from service.redis_client import REDIS_UNREACHABLE
 from service.results import ResultFiles
 from service.schemas import ErrorInfo, JobStatus
 from service.settings import Settings
@@ -79,6 +77,6 @@ class Maintenance:
                 if time.monotonic() >= next_cleanup:
                     self.files.clean_expired(self.store, upload_grace_seconds=UPLOAD_GRACE_SECONDS)
                     next_cleanup = time.monotonic() + self.settings.cleanup_interval_seconds
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except REDIS_UNREACHABLE as exc:
                 log.warning("maintenance skipped, Redis unreachable: %s", exc)
                 recovering = True

@@ -15,11 +15,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.jobs import JobStore
 from service.queue import JobQueue
+from service.redis_client import REDIS_UNREACHABLE
 
 # Seconds: from sub-second tiny-preset steps to long GPU jobs.
 _JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -73,7 +72,7 @@ class _QueueCollector(Collector):
             depth = self.queue.depth()
             busy = self.store.running_count()
             live = self.store.live_workers(self.worker_ttl_seconds)
-        except (RedisConnectionError, RedisTimeoutError):
+        except REDIS_UNREACHABLE:
             redis_up.add_metric([], 0)
             yield redis_up
             return

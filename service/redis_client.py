@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from redis import Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from service.jobs import JobStore
 from service.queue import JobQueue
 from service.settings import Settings
+
+# What a Redis call raises when the server cannot be reached in time: callers degrade or retry.
+REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 
 
 def connect_redis(settings: Settings, *, blocking: bool = False) -> Redis:

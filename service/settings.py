@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(
         2.0, gt=0, description="The gateway looks for lost jobs this often."
     )
+    finish_retry_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How long a worker retries recording a finished job while Redis is unreachable; "
+        "after that the outcome is lost and the reaper fails the job as worker_lost.",
+    )
 
     # --- HTTP --------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Gateway bind address (0.0.0.0 in a container).")

@@ -237,6 +237,36 @@ def test_redis_sigkilled_and_restarted_with_aof_every_accepted_job_reaches_a_ter
         assert http.get("/readyz").json()["workers"] == 2, "a worker did not reconnect"
 
 
+def test_a_job_that_ends_while_redis_is_down_is_reaped_and_the_same_worker_serves_on(
+    tmp_path: Path, redis: RedisServer, start_worker: Callable[[Settings], WorkerProcess]
+) -> None:
+    """The job's outcome cannot be recorded, so rq's own bookkeeping fails and its work loop ends: the
+    worker process must start a fresh loop rather than exit with its model."""
+    settings = make_settings(
+        tmp_path / "results", redis_url=redis.url, redis_timeout_seconds=0.5, finish_retry_seconds=0.5
+    )
+    with serve_gateway(settings) as url, httpx.Client(base_url=url, timeout=10) as http:
+        worker = start_worker(settings)
+        wait_for(lambda: http.get("/readyz").json().get("workers") == 1, timeout=180, what="the worker")
+        running = http.post("/generate", json={**LONG_JOB, "steps": 12}).json()["id"]
+        wait_for(lambda: http.get(f"/jobs/{running}").json()["progress"] > 0, timeout=120, what="progress")
+
+        redis.kill()
+        wait_for(
+            lambda: "work loop ended" in worker.log_path.read_text(errors="replace"),
+            timeout=120,
+            what="rq's work loop to end on the outage",
+        )
+        redis.start()
+
+        lost = wait_for_status(http, running, {"succeeded", "failed", "canceled"})
+        assert lost["status"] == "failed" and lost["error"]["code"] == "worker_lost", lost
+        after = http.post("/generate", json={"prompt": "after the outage", **TINY_VIDEO}).json()["id"]
+        assert wait_for_status(http, after, {"succeeded", "failed", "canceled"})["status"] == "succeeded"
+        assert worker.process.poll() is None, worker.log()
+        assert http.get("/readyz").json()["workers"] == 1
+
+
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux prlimit")
 def test_full_storage_fails_the_job_with_storage_error_and_the_worker_keeps_serving(
     settings: Settings, client: TestClient, start_worker: Callable[[Settings], WorkerProcess]

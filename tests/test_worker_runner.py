@@ -60,7 +60,9 @@ def runner(redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureReq
     )
     files = ResultFiles(tmp_path / "results")
     files.ensure_dirs()
-    yield JobRunner(StandIn(), store=store, files=files, metrics=WorkerMetrics(), worker_name="w1")
+    yield JobRunner(
+        StandIn(), store=store, files=files, metrics=WorkerMetrics(), worker_name="w1", finish_retry_seconds=5
+    )
     redis.close()
 
 

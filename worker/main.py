@@ -8,23 +8,23 @@ gateway's reaper fails that job as ``worker_lost`` (see ``Settings.worker_lost_b
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from typing import Any
 
 import torch
 from prometheus_client import start_http_server
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from service.jobs import JobStore
 from service.metrics import WorkerMetrics
-from service.redis_client import connect_redis, job_queue, job_store
+from service.redis_client import REDIS_UNREACHABLE, connect_redis, job_queue, job_store
 from service.results import ResultFiles
 from service.settings import Settings
 from worker import jobs
@@ -69,10 +69,59 @@ class Heartbeat:
         while True:
             try:
                 self.beat()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except REDIS_UNREACHABLE as exc:
                 log.warning("heartbeat not sent, Redis unreachable: %s", exc)
             if self._stop.wait(self.interval):
                 return
+
+
+class ServingWorker(SimpleWorker):
+    """rq's in-process worker that records a warm-shutdown request (SIGTERM/SIGINT) in ``stop``.
+
+    rq retries an unreachable Redis only while it waits for a job. A Redis error anywhere else in its
+    loop (checking for suspension, registering a dequeued job, recording a finished one) ends
+    ``work()`` as if the worker were done; ``stop`` tells that apart from a requested stop.
+    """
+
+    def __init__(self, *args: Any, stop: threading.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop = stop
+
+    def handle_warm_shutdown_request(self) -> None:
+        self.stop.set()
+        super().handle_warm_shutdown_request()
+
+
+def work_until_stopped(settings: Settings, *, name: str, burst: bool) -> None:
+    """Run rq's work loop until SIGTERM/SIGINT (after the current job) or, with ``burst``, until the
+    queue is empty. A loop that rq ends on a Redis error is replaced by a fresh one, so a Redis
+    outage never takes a worker (and its loaded model) down."""
+    connection = connect_redis(settings, blocking=True)
+    queue = job_queue(settings, connection).rq
+    stop = threading.Event()
+    for restart in itertools.count():
+        # A loop that ended during an outage could not record its end, and rq refuses a second live
+        # worker of the same name: each fresh loop gets its own.
+        rq_name = name if restart == 0 else f"{name}.{restart}"
+        rq_worker = ServingWorker(
+            [queue], connection=connection, serializer=JSONSerializer, name=rq_name, stop=stop
+        )
+        try:
+            rq_worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+        except REDIS_UNREACHABLE as exc:  # rq's start or teardown could not reach Redis
+            log.warning("rq worker %s could not reach Redis: %s", rq_name, exc)
+            if rq_worker.pubsub_thread is not None:  # teardown stopped before ending rq's listener
+                rq_worker.pubsub_thread.stop()
+        if burst or stop.is_set():
+            return
+        log.warning(
+            "rq's work loop ended without a stop request; a fresh one starts in %.1f s",
+            settings.heartbeat_interval_seconds,
+        )
+        for signum in (signal.SIGTERM, signal.SIGINT):  # rq's handlers belong to the ended loop
+            signal.signal(signum, lambda *_: stop.set())
+        if stop.wait(settings.heartbeat_interval_seconds):
+            return
 
 
 def default_worker_name(device: str) -> str:
@@ -112,21 +161,24 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     files.ensure_dirs()
     store = job_store(settings, connect_redis(settings))
     store.publish_model(describe_model(pipeline))
-    runner = JobRunner(pipeline, store=store, files=files, metrics=metrics, worker_name=name)
+    runner = JobRunner(
+        pipeline,
+        store=store,
+        files=files,
+        metrics=metrics,
+        worker_name=name,
+        finish_retry_seconds=settings.finish_retry_seconds,
+    )
     jobs.install(runner)
     heartbeat = Heartbeat(
         store, runner, metrics, interval=settings.heartbeat_interval_seconds, device=spec.device
     )
     heartbeat.start()
-    blocking = connect_redis(settings, blocking=True)
-    rq_worker = SimpleWorker(
-        [job_queue(settings, blocking).rq], connection=blocking, serializer=JSONSerializer, name=name
-    )
     try:
-        rq_worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+        work_until_stopped(settings, name=name, burst=burst)
     finally:
         heartbeat.stop()
         try:
             store.worker_gone(name)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except REDIS_UNREACHABLE as exc:
             log.warning("could not deregister worker %s: %s", name, exc)

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.timeouts import JobTimeoutException
 
 from model.errors import Canceled, UniViGUError
 from model.media import write_mp4
 from service.jobs import JobStore
 from service.metrics import WorkerMetrics
+from service.redis_client import REDIS_UNREACHABLE
 from service.results import ResultFiles
 from service.schemas import PARAMS_BY_TYPE, ErrorInfo, JobRecord, JobResult, JobStatus, JobType
 
@@ -31,10 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
-# How long a finished job's outcome is retried while Redis is unreachable before giving up (the
-# gateway's reaper then fails the job as worker_lost).
-FINISH_RETRY_SECONDS = 60.0
 GPU_OOM = "gpu_oom"
 
 
@@ -63,12 +58,16 @@ class JobRunner:
         files: ResultFiles,
         metrics: WorkerMetrics,
         worker_name: str,
+        finish_retry_seconds: float,
     ) -> None:
         self.pipeline = pipeline
         self.store = store
         self.files = files
         self.metrics = metrics
         self.worker_name = worker_name
+        # How long a finished job's outcome is retried while Redis is unreachable before giving up
+        # (the gateway's reaper then fails the job as worker_lost).
+        self.finish_retry_seconds = finish_retry_seconds
         self._current: str | None = None
         self._lock = threading.Lock()
 
@@ -189,7 +188,7 @@ class JobRunner:
             last = now
             try:
                 self.store.progress(record.id, min(100, max(0, 100 * step // max(total, 1))))
-            except _REDIS_ERRORS as exc:
+            except REDIS_UNREACHABLE as exc:
                 log.warning("progress of job %s not saved, Redis unreachable: %s", record.id, exc)
 
         return report
@@ -198,21 +197,21 @@ class JobRunner:
         def should_cancel() -> bool:
             try:
                 return self.store.cancel_requested(job_id)
-            except _REDIS_ERRORS as exc:
+            except REDIS_UNREACHABLE as exc:
                 log.warning("cancel flag of job %s not read, Redis unreachable: %s", job_id, exc)
                 return False
 
         return should_cancel
 
     def _finish(self, record: JobRecord, outcome: Outcome) -> None:
-        deadline = time.monotonic() + FINISH_RETRY_SECONDS
+        deadline = time.monotonic() + self.finish_retry_seconds
         while True:
             try:
                 finished = self.store.finish(
                     record.id, outcome.status, result=outcome.result, error=outcome.error
                 )
                 break
-            except _REDIS_ERRORS as exc:
+            except REDIS_UNREACHABLE as exc:
                 if time.monotonic() > deadline:
                     log.error("job %s outcome %s lost, Redis unreachable: %s", record.id, outcome.status, exc)
                     return
