@@ -306,3 +306,42 @@ def test_refine_decoder_refuses_a_folder_without_a_vae(tmp_path):
 
     with pytest.raises(InvalidParameterError, match="no vae/config.json"):
         refine_model_decoder(tmp_path, tmp_path / "manifest.jsonl", VAETrainConfig())
+
+
+TINY_RECIPE = """
+train_clips = 4
+[vae]
+steps = 1
+batch_size = 1
+whole_clip_steps = 1
+whole_clip_batch_size = 1
+decoder_steps = 1
+decoder_batch_size = 1
+calibration_clips = 2
+"""
+TINY_STAGE = "[{0}]\nsteps = 1\nglobal_batch_size = 2\n[{0}.optim]\nwarmup_steps = 0\n"
+
+
+def test_the_recipe_chains_its_stages_and_ships_the_polished_model(tmp_path):
+    from service.cli import main
+
+    config = tmp_path / "recipe.toml"
+    config.write_text(
+        TINY_RECIPE + "".join(TINY_STAGE.format(stage) for stage in ("recall", "refine", "polish"))
+    )
+    out, ship = tmp_path / "run", tmp_path / "ship"
+
+    assert main(["toyworld", "train", "--out", str(out), "--config", str(config), "--ship", str(ship)]) == 0
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        return UniViGUPipeline.from_pretrained(folder).transformer.state_dict()
+
+    refined, polished = weights(out / "refine" / "final"), weights(out / "polish" / "final")
+    shipped = weights(ship)
+    assert all(torch.equal(polished[name], shipped[name]) for name in polished)
+    # One AdamW step from refine's weights moves each weight by at most the peak rate: polish started
+    # from them (not from init) and trained at its own rate.
+    lr = json.loads((out / "polish" / "config.json").read_text())["optim"]["lr"]
+    assert lr == RecipeConfig().polish.optim.lr < RecipeConfig().refine.optim.lr
+    moved = max((polished[name] - refined[name]).abs().max().item() for name in refined)
+    assert 0 < moved <= lr * 1.001

@@ -7,7 +7,8 @@ Steps, each skipped when its output already exists (so an interrupted recipe con
 3. ``init/``: a pipeline folder of the toy preset carrying that VAE (random transformer);
 4. ``recall/``: ``univigu train --stage recall`` from ``init/`` (resumed if it has checkpoints);
 5. ``refine/``: ``univigu train --stage refine`` from ``recall/final``;
-6. the refined pipeline folder, optionally copied to ``ship`` (the repository ships ``model/assets/toy``).
+6. ``polish/``: ``univigu train --stage refine`` again from ``refine/final``, at half the peak rate;
+7. the polished pipeline folder, optionally copied to ``ship`` (the repository ships ``model/assets/toy``).
 
 The toy token limits: prompts are 6 tokens and captions 27, so prompts may have 0-8 tokens and
 captions 24-32; the text stream is 8 tokens in recall and 32 in refine. Refine drops the prompt for
@@ -59,7 +60,9 @@ PRESET = "toy"
 TOY_DATA = DataConfig(max_prompt_tokens=8, min_caption_tokens=24, max_caption_tokens=32)
 
 
-def _stage_config(steps: int, objective: ObjectiveConfig) -> TrainConfig:
+def _stage_config(
+    steps: int, objective: ObjectiveConfig, *, lr: float = 1e-3, warmup_steps: int = 100
+) -> TrainConfig:
     return TrainConfig(
         steps=steps,
         global_batch_size=32,
@@ -67,7 +70,7 @@ def _stage_config(steps: int, objective: ObjectiveConfig) -> TrainConfig:
         log_every=10,
         data=TOY_DATA,
         objective=objective,
-        optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.0),
+        optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=0.0),
     )
 
 
@@ -80,13 +83,16 @@ REFINE_OBJECTIVE = ObjectiveConfig(
 @dataclass(frozen=True)
 class RecipeConfig:
     """Sizes of the toy recipe; the TOML file has the top-level fields and ``[vae]``, ``[recall]``,
-    ``[refine]`` sections (the latter two are :class:`TrainConfig` files)."""
+    ``[refine]``, ``[polish]`` sections (the last three are :class:`TrainConfig` files)."""
 
     train_clips: int = 1200
     seed: int = 0
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     recall: TrainConfig = field(default_factory=lambda: _stage_config(1500, RECALL_OBJECTIVE))
     refine: TrainConfig = field(default_factory=lambda: _stage_config(2000, REFINE_OBJECTIVE))
+    polish: TrainConfig = field(
+        default_factory=lambda: _stage_config(1500, REFINE_OBJECTIVE, lr=5e-4, warmup_steps=50)
+    )
 
     @classmethod
     def from_toml(cls, path: Path) -> RecipeConfig:
@@ -96,7 +102,7 @@ class RecipeConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise InvalidParameterError(f"cannot read recipe config {path}: {exc}", param="config") from exc
         defaults = cls()
-        for name in ("vae", "recall", "refine"):
+        for name in ("vae", "recall", "refine", "polish"):
             default = getattr(defaults, name)
             values[name] = config_from_dict(type(default), _merge(asdict(default), values.get(name, {})))
         return config_from_dict(cls, values)
@@ -141,15 +147,20 @@ def run_recipe(config: RecipeConfig, out: Path, *, ship: Path | None = None) -> 
         pipe = UniViGUPipeline.from_preset(PRESET, seed=config.seed)
         pipe.vae = AutoencoderKLWan.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
         pipe.save_pretrained(init)
-    # 4-5. The two stages.
+    # 4-6. The transformer stages: recall, refine, and refine again at a lower rate.
     start = init
-    for stage, stage_config in (("recall", config.recall), ("refine", config.refine)):
-        run = out / stage
+    stages = (
+        ("recall", "recall", config.recall),
+        ("refine", "refine", config.refine),
+        ("polish", "refine", config.polish),
+    )
+    for name, stage, stage_config in stages:
+        run = out / name
         if not (run / FINAL_DIR / "univigu.json").is_file():
             resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
             train(TrainRequest(stage, manifest, str(start), run, stage_config, resume=resume))
         start = run / FINAL_DIR
-    # 6. Ship.
+    # 7. Ship.
     if ship is not None:
         shutil.rmtree(ship, ignore_errors=True)
         shutil.copytree(start, ship)

@@ -40,7 +40,7 @@ def register_training(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(handler=_run_make)
 
-    recipe = commands.add_parser("train", help="the whole toy recipe: data, VAE, recall, refine")
+    recipe = commands.add_parser("train", help="the whole toy recipe: data, VAE, recall, refine, polish")
     recipe.add_argument("--out", type=Path, default=Path("runs/toy"), help="work folder (default runs/toy)")
     recipe.add_argument("--config", type=Path, help="TOML recipe config (defaults: model/toyworld/recipe.py)")
     recipe.add_argument("--ship", type=Path, help="also copy the trained model here (e.g. model/assets/toy)")
