@@ -3,7 +3,8 @@
 CUDA state does not survive rq's default fork-per-job, so jobs run in-process. Start one worker per GPU;
 any number of workers on any number of machines may share one Redis. A heartbeat thread marks this
 worker alive (for /readyz) and keeps the running job's heartbeat fresh; if the process dies, the
-gateway's reaper fails that job as ``worker_lost`` (see ``Settings.worker_lost_bound_seconds``).
+gateway's reaper fails that job as ``worker_lost`` (see ``Settings.worker_lost_bound_seconds``). A Redis
+outage does not end the process: when rq's loop gives up on Redis, a fresh loop starts in it.
 """
 
 from __future__ import annotations
