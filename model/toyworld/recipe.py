@@ -33,9 +33,9 @@ two thirds of the steps at 2e-3 lost both (seen captioning 83%, text-to-video 18
 
 ``polish`` runs refine's objective again from refine's output for 3000 steps at a peak rate of 5e-4. On
 two sets of 60 seen clips it lifted text-to-video from 25% and 20% all three right to 50% and 35%
-(motion 75% to 95%; shape 37% to 57% on the first set), joint agreement by 15-22 points, and captioning from 90% and
-93% to 90% and 97%. 1500 steps gave 38% and 32%, and 1500 more on top of those still gained. It costs
-about 22 of the recipe's 96 minutes.
+(motion 75% to 95%; shape 37% to 57% on the first set), joint agreement by 15-22 points, and
+captioning from 90% and 93% to 90% and 97%. 1500 steps gave 38% and 32%, and 1500 more on top of
+those still gained. It costs about 22 of the recipe's 96 minutes.
 """
 
 from __future__ import annotations
