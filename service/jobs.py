@@ -63,9 +63,11 @@ return 'ok'
 """
 
 # A queued job is canceled at once; a running one gets a flag that its worker checks at every step.
-# ARGV: finished_at, expires_at, ttl, error json
+# Returns the status before, then the record's fields as they stand right after (HGETALL's flat list),
+# so the answer cannot show what a worker did after the cancel. ARGV: finished_at, expires_at, ttl, error
 _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {''} end
 if status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
 elseif status == 'queued' then
@@ -73,7 +75,9 @@ elseif status == 'queued' then
              'error', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
-return status or ''
+local reply = redis.call('HGETALL', KEYS[1])
+table.insert(reply, 1, status)
+return reply
 """
 
 
@@ -366,8 +370,12 @@ class JobStore:
         ]
         return self._finish(keys=keys, args=args) == b"ok"
 
-    def cancel(self, job_id: str) -> JobStatus:
-        """Cancel a queued job or flag a running one; returns the status the job had before."""
+    def cancel(self, job_id: str) -> tuple[JobStatus, JobRecord]:
+        """Cancel a queued job or flag a running one.
+
+        Returns the status the job had before and its record read in the same script, right after: a
+        running job's record still says ``running`` (its worker stops at its next step), even when that
+        worker finishes before the caller reads the answer."""
         now = _now()
         error = ErrorInfo(code="canceled", message="canceled on request").model_dump_json()
         args: list[str | int] = [
@@ -376,10 +384,11 @@ class JobStore:
             self.result_ttl_seconds,
             error,
         ]
-        status = cast(bytes, self._cancel(keys=[self._job_key(job_id)], args=args))
-        if not status:
+        before, *fields = cast(list[bytes], self._cancel(keys=[self._job_key(job_id)], args=args))
+        record = self._parse(dict(zip(fields[::2], fields[1::2], strict=True)))
+        if not before or record is None:
             raise JobNotFound(job_id)
-        return JobStatus(status.decode())
+        return JobStatus(before.decode()), record
 
     def delete(self, job_id: str) -> bool:
         """Remove the record and its index entry; False if there was none. A worker still running the

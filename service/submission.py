@@ -202,26 +202,28 @@ def accepted(services: Services, submission: Submission, response: Response) -> 
     return job_view(services, submission.record)
 
 
-def _cancel(services: Services, record: JobRecord) -> JobStatus:
-    """Cancel (queued) or flag (running) a job; returns its status before. A queued job also leaves the
-    queue and loses its upload."""
-    before = services.store.cancel(record.id)
+def _cancel(services: Services, record: JobRecord) -> tuple[JobStatus, JobRecord]:
+    """Cancel (queued) or flag (running) a job; returns its status before and its record right after.
+    A queued job also leaves the queue and loses its upload."""
+    before, after = services.store.cancel(record.id)
     if before == JobStatus.queued:
         services.queue.remove(record.id)
         services.files.remove_upload(record.id)
         services.metrics.jobs_finished.labels(record.type.value, JobStatus.canceled.value).inc()
-    return before
+    return before, after
 
 
 def cancel(services: Services, caller: Caller, job_id: str) -> Job:
-    """Queued: canceled now and never run. Running: stops at its next denoising step. Finished: 409."""
+    """Queued: canceled now and never run. Running: stops at its next denoising step; the answer says
+    ``running`` (the record as the cancel left it), and polling shows ``canceled`` once the worker has
+    stopped. Finished: 409."""
     record, _ = read_record(services, caller, job_id)
-    before = _cancel(services, record)
+    before, after = _cancel(services, record)
     if before.terminal:
         raise ApiError(
             409, "job_finished", f"job {job_id} already {before.value}; nothing to cancel", param="id"
         )
-    return job_view(services, services.store.get(job_id))
+    return job_view(services, after)
 
 
 def delete(services: Services, caller: Caller, job_id: str) -> JobRecord:

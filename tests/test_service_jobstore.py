@@ -9,7 +9,7 @@ import pytest
 from conftest import queued
 from redis import Redis
 
-from service.jobs import JobStore
+from service.jobs import JobNotFound, JobStore
 from service.redis_server import RedisServer
 from service.schemas import ErrorInfo, JobResult, JobStatus, JobType
 
@@ -43,19 +43,26 @@ def test_lifecycle_and_progress_never_decreases(store: JobStore) -> None:
 
 def test_cancel_queued_is_final_and_the_job_never_starts(store: JobStore) -> None:
     job_id = queued(store)
-    assert store.cancel(job_id) == JobStatus.queued
+    before, after = store.cancel(job_id)
+    assert (before, after.status, after.error.code) == (JobStatus.queued, JobStatus.canceled, "canceled")
     assert store.get(job_id).status == JobStatus.canceled
     assert not store.start(job_id, "w1")
-    assert store.cancel(job_id) == JobStatus.canceled
+    assert store.cancel(job_id)[0] == JobStatus.canceled
 
 
 def test_cancel_running_sets_the_flag_the_worker_polls(store: JobStore) -> None:
     job_id = queued(store)
     store.start(job_id, "w1")
     assert not store.cancel_requested(job_id)
-    assert store.cancel(job_id) == JobStatus.running
+    before, after = store.cancel(job_id)
+    assert (before, after.status, after.cancel_requested) == (JobStatus.running, JobStatus.running, True)
     assert store.cancel_requested(job_id)
     assert store.get(job_id).status == JobStatus.running
+
+
+def test_cancel_of_an_unknown_job_is_not_found(store: JobStore) -> None:
+    with pytest.raises(JobNotFound):
+        store.cancel("no-such-job")
 
 
 def test_running_jobs_without_heartbeat_are_lost(store: JobStore) -> None:
