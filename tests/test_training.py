@@ -1,6 +1,7 @@
 """``univigu train`` on the CPU: loss goes down per stage, exact resume, gloo 2 processes == 1, bad data.
 
 Everything runs on toy clips fitted to 32x32 pixels and 5 frames by a tiny randomly initialised model.
+The runs keep a moving average of their weights, so resume and the gloo run check that too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from model.checkpoint import load_transformer_folder
 from model.errors import InvalidParameterError, InvalidVideoError, ManifestError
@@ -24,6 +26,7 @@ from model.toyworld.make import make_dataset
 from model.training.batch import build_batch
 from model.training.config import DataConfig, ObjectiveConfig, OptimConfig, TrainConfig
 from model.training.data import LatentCache, VideoGeometry, load_posterior, prepare_dataset
+from model.training.ema import EMA_FILE, WeightEMA, ema_decay
 from model.training.objective import (
     CLEAN_TEXT,
     CLEAN_VIDEO,
@@ -42,6 +45,7 @@ CONFIG = TrainConfig(
     steps=6,
     global_batch_size=4,
     checkpoint_every=3,
+    ema_decay=0.999,
     data=TOY_LIMITS,
     optim=OptimConfig(lr=2e-3, warmup_steps=1),
 )
@@ -49,6 +53,7 @@ CONFIG_TOML = """
 steps = 6
 global_batch_size = 4
 checkpoint_every = 3
+ema_decay = 0.999
 [data]
 max_prompt_tokens = 8
 min_caption_tokens = 24
@@ -158,7 +163,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, manifest, i
 
 
 def test_two_gloo_processes_match_one_process(tmp_path, recall_run, manifest, init_folder):
-    _, single_losses = recall_run
+    single_out, single_losses = recall_run
     config = tmp_path / "train.toml"
     config.write_text(CONFIG_TOML)
     command = [
@@ -172,7 +177,40 @@ def test_two_gloo_processes_match_one_process(tmp_path, recall_run, manifest, in
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [row["loss"] for row in rows] == pytest.approx(single_losses[:3], rel=1e-4)
-    assert (tmp_path / "run" / "checkpoints" / "step-000003" / "model" / "univigu.json").is_file()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000003"
+    assert (checkpoint / "model" / "univigu.json").is_file()
+    sharded_average = load_file(checkpoint / EMA_FILE)
+    single_average = load_file(single_out / "checkpoints" / "step-000003" / EMA_FILE)
+    assert sharded_average.keys() == single_average.keys()
+    # Summation order differs across processes; one step moves a weight by about lr = 2e-3.
+    for name, tensor in single_average.items():
+        torch.testing.assert_close(sharded_average[name], tensor, rtol=1e-3, atol=5e-5)
+
+
+def test_final_folder_holds_the_weight_average(recall_run):
+    """``final/`` is the average of the last checkpoint, not its raw weights."""
+    out, _ = recall_run
+    final = load_transformer_folder(out / "final" / "transformer").state_dict()
+    last = out / "checkpoints" / "step-000006"
+    raw = load_transformer_folder(last / "model" / "transformer").state_dict()
+    average = load_file(last / EMA_FILE)
+    assert all(torch.equal(final[name], tensor) for name, tensor in average.items())
+    assert any(not torch.equal(final[name], raw[name]) for name in average)
+
+
+def test_weight_average_follows_its_decay_and_reloads():
+    model = torch.nn.Linear(3, 2)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ema = WeightEMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(step=0)  # warm-up bound: 1/10, so 90% of the way to the new weights
+    torch.testing.assert_close(ema.shadow["weight"], start["weight"] + 0.9)
+    torch.testing.assert_close(ema.shadow["bias"], start["bias"])
+    assert [ema_decay(0.9, step) for step in (0, 80, 10_000)] == pytest.approx([0.1, 0.9, 0.9])
+    restored = WeightEMA(torch.nn.Linear(3, 2), decay=0.9)
+    restored.load_full_state(ema.full_state())
+    assert all(torch.equal(restored.shadow[n], ema.shadow[n]) for n in ema.shadow)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
@@ -190,6 +228,8 @@ def test_config_file_rejects_unknown_keys(tmp_path):
         TrainConfig.from_toml(path)
     path.write_text(CONFIG_TOML)
     assert TrainConfig.from_toml(path) == CONFIG
+    with pytest.raises(InvalidParameterError, match=r"ema_decay must be in \[0, 1\)"):
+        TrainConfig(ema_decay=1.0)
 
 
 # ---------------------------------------------------------------- manifests

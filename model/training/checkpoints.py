@@ -7,7 +7,9 @@ A checkpoint ``<out>/checkpoints/step-000100/`` holds
   a worker loads as it is;
 * ``optimizer.safetensors``: the AdamW moments and step counts, keyed ``<parameter>/<name>``;
 * ``trainer_state.json``: the step, the data-stream position, the stage, the config and the
-  optimizer's parameter groups.
+  optimizer's parameter groups;
+* ``ema.safetensors``, when the run averages its weights (``ema_decay > 0``): the moving average of
+  the trainable parameters. ``model/`` holds the raw weights, which a resumed run continues from.
 
 Folders are written under a temporary name and renamed, so a crash never leaves a half checkpoint.
 """
@@ -28,6 +30,7 @@ from model.checkpoint import build_transformer
 from model.errors import CheckpointError
 from model.network import UniViGUTransformer
 from model.pipeline import UniViGUPipeline
+from model.training.ema import save_ema
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -72,6 +75,7 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     state: TrainerState,
     keep: int,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``<out>/checkpoints/step-NNNNNN`` atomically and delete all but the newest ``keep``."""
     root = out / "checkpoints"
@@ -85,6 +89,8 @@ def save_checkpoint(
         for key, value in entries.items()
     }
     save_file(tensors, partial / OPTIMIZER_FILE)
+    if ema_state is not None:
+        save_ema(ema_state, partial)
     (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)

@@ -112,6 +112,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # older step folders are deleted
     log_every: int = 1
     tensorboard: bool = False  # needs the ``tensorboard`` package
+    # > 0: keep an exponential moving average of the trainable weights (``model/training/ema.py``) and
+    # write it to ``final/``; checkpoints keep the raw weights a resumed run continues from. 0: off.
+    ema_decay: float = 0.0
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -128,6 +131,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
         _check(self.log_every >= 1, "log_every", "must be at least 1")
+        _check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 turns the average off)")
         objective = self.objective
         fractions = objective.clean_video_fraction + objective.clean_text_fraction
         _check(

@@ -4,12 +4,14 @@ Numbered steps: (1) processes and devices, (2) the starting pipeline (a preset, 
 one of our pipeline folders, or the latest checkpoint when resuming), (3) the data (validated
 manifest and latent cache), (4) the trainable set, sharding and AdamW, (5) the loop: warm-up then
 cosine learning rate, gradient accumulation, bfloat16 autocast on CUDA, clipping, a JSONL log, a
-progress bar and optional TensorBoard, checkpoints every ``checkpoint_every`` steps, and (6) the
-final pipeline folder ``<out>/final`` that a worker serves without conversion.
+progress bar and optional TensorBoard, an optional moving average of the weights (``ema_decay``),
+checkpoints every ``checkpoint_every`` steps, and (6) the final pipeline folder ``<out>/final`` that a
+worker serves without conversion: the averaged weights when ``ema_decay > 0``, else the last ones.
 
 The VAE and the umT5 encoder are frozen. A resumed run reproduces the uninterrupted one: the model,
-the AdamW state and the data position come from the checkpoint, the learning rate is a function of
-the step, and every random draw is a function of the seed and the example's stream position.
+the AdamW state, the weight average and the data position come from the checkpoint, the learning
+rate and the average's decay are functions of the step, and every random draw is a function of the seed
+and the example's stream position.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from model.training.checkpoints import (
 from model.training.config import OptimConfig, Stage, TrainConfig
 from model.training.data import LatentCache, PreparedData, VideoGeometry, prepare_dataset
 from model.training.distributed import DistContext
+from model.training.ema import WeightEMA, read_ema
 from model.training.objective import LossTerms, flow_matching_losses
 from model.training.stream import ExampleStream, micro_batch_positions
 
@@ -213,10 +216,13 @@ def train(request: TrainRequest) -> TrainResult:
         parameters = [p for p in model.parameters() if p.requires_grad]
         o = config.optim
         optimizer = torch.optim.AdamW(parameters, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
         start = 0
         if resume_from is not None:
             state = read_trainer_state(resume_from)
             distributed.load_optimizer_state(model, optimizer, read_optimizer_state(resume_from, state))
+            if ema is not None:
+                ema.load_full_state(read_ema(resume_from))
             start = state.step
         if context.is_main:
             request.out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +272,8 @@ def train(request: TrainRequest) -> TrainResult:
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, o.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(step)
             total, video, text = distributed.mean_over_processes(terms, context).tolist()
             losses.append(total)
             done = step + 1
@@ -284,13 +292,15 @@ def train(request: TrainRequest) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             if done % config.checkpoint_every == 0 or done == last:
-                _checkpoint(request, pipe, model, optimizer, done, context)
+                _checkpoint(request, pipe, model, optimizer, ema, done, context)
         bar.close()
         log.close()
         # 6. The final model.
         final = None
         if last == config.steps:
             state = distributed.full_model_state(model)
+            if ema is not None:
+                state.update(ema.full_state())
             final = request.out / FINAL_DIR
             if context.is_main:
                 export_pipeline(pipe, state, final)
@@ -331,12 +341,14 @@ def _checkpoint(
     pipe: UniViGUPipeline,
     model: UniViGUTransformer,
     optimizer: torch.optim.Optimizer,
+    ema: WeightEMA | None,
     step: int,
     context: DistContext,
 ) -> None:
     """Gather the full states on every process (collective), write them from the main one."""
     full_state = distributed.full_model_state(model)
     optimizer_state = distributed.full_optimizer_state(model, optimizer)
+    ema_state = None if ema is None else ema.full_state()
     if context.is_main:
         state = TrainerState(
             step=step,
@@ -346,6 +358,6 @@ def _checkpoint(
             param_groups=optimizer_state["param_groups"],
         )
         save_checkpoint(
-            request.out, pipe, full_state, optimizer_state, state, request.config.keep_checkpoints
+            request.out, pipe, full_state, optimizer_state, state, request.config.keep_checkpoints, ema_state
         )
     distributed.barrier(context)
