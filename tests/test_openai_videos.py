@@ -28,8 +28,8 @@ pytestmark = [
 
 SMALL = {"size": "32x32", "seconds": "1"}  # 1 s at the tiny model's 8 fps: 8 frames, rounded to 9
 FAST = {"steps": 3}
-# Runs long enough to be caught running (it is deleted, never run to the end).
-LONG = {"size": "64x64", "seconds": "2"}
+# Runs long enough to be caught running (it is deleted, never run to the end):
+LONG = {"size": "128x128", "seconds": "4"}  # 33 frames: 100 steps take seconds on a warm CPU worker
 STATUS = {
     "queued": "queued",
     "running": "in_progress",

@@ -140,7 +140,9 @@ def test_model_errors_fail_the_job_with_their_code(live: TestClient) -> None:
 
 
 def test_cancel_running_queued_and_finished(live: TestClient) -> None:
-    running = live.post("/generate", json={"prompt": "long", **SLOW_VIDEO, "steps": 80}).json()["id"]
+    # Still running when the cancel lands (100 steps of 128x128x33 take seconds); it stops at the next step.
+    long_video = {**SLOW_VIDEO, "height": 128, "width": 128, "num_frames": 33, "steps": 100}
+    running = live.post("/generate", json={"prompt": "long", **long_video}).json()["id"]
     queued = live.post("/generate", json={"prompt": "never runs", **TINY_VIDEO}).json()["id"]
     wait_for(
         lambda: live.get(f"/jobs/{running}").json()["progress"] > 0, timeout=120, what="the job to start"
