@@ -1,4 +1,4 @@
-"""An exponential moving average of the trainable weights, the model a diffusion run ships.
+"""An exponential moving average of the trainable weights, which diffusion training often ships.
 
 After every optimizer step ``k`` (0-based) each shadow tensor moves towards its parameter:
 ``shadow = d_k * shadow + (1 - d_k) * parameter`` with ``d_k = min(decay, (1 + k) / (10 + k))``. The
@@ -7,7 +7,8 @@ instead of dragging the initial ones along, so a run from random weights needs n
 ``d_k`` is a function of the step alone, so a resumed run continues the average exactly.
 
 Under FSDP2 the parameters are DTensors; the shadow tensors are DTensors of the same sharding, each
-process averaging its own shard. :meth:`WeightEMA.full_state` gathers them (a collective).
+process averaging its own shard. :meth:`WeightEMA.full_state` gathers them (a collective). The cost
+is one more copy of the trainable weights (of this process's shard) on the training device.
 """
 
 from __future__ import annotations
