@@ -157,7 +157,8 @@ def test_create_poll_download_list_and_delete(
 def test_joint_video_reports_its_description_and_agrees_with_the_native_api(
     client: openai.OpenAI, native: httpx.Client
 ) -> None:
-    created = client.videos.create(prompt="a cat", **SMALL, extra_body={"joint": True, **FAST})
+    # Seeded: unseeded, the random tiny model now and then samples </s> first and the caption is empty.
+    created = client.videos.create(prompt="a cat", **SMALL, extra_body={"joint": True, "seed": 3, **FAST})
     assert created.joint is True
     done = wait_done(client, created.id)
     assert done.status == "completed"
