@@ -386,7 +386,7 @@ class JobStore:
         ]
         before, *fields = cast(list[bytes], self._cancel(keys=[self._job_key(job_id)], args=args))
         record = self._parse(dict(zip(fields[::2], fields[1::2], strict=True)))
-        if not before or record is None:
+        if record is None:  # the script found no record and returned only an empty status
             raise JobNotFound(job_id)
         return JobStatus(before.decode()), record
 

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -154,6 +155,16 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, recall_run, manifest, ini
     resumed = load_transformer_folder(tmp_path / "final" / "transformer").state_dict()
     uninterrupted = load_transformer_folder(full_out / "final" / "transformer").state_dict()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_resuming_a_finished_run_exports_the_same_final_folder(tmp_path, recall_run, manifest, init_folder):
+    """No step runs, so nothing was gathered by a checkpoint: the export gathers the states itself."""
+    full_out, _ = recall_run
+    shutil.copytree(full_out / "checkpoints", tmp_path / "checkpoints")
+    assert _run("recall", manifest, init_folder, tmp_path, resume=True) == []
+    exported = load_transformer_folder(tmp_path / "final" / "transformer").state_dict()
+    uninterrupted = load_transformer_folder(full_out / "final" / "transformer").state_dict()
+    assert all(torch.equal(exported[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, manifest, init_folder):

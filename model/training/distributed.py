@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model.network import UniViGUTransformer
 
@@ -93,6 +94,17 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer, unsharded, on the main process's CPU (collective under FSDP)."""
     state = get_model_state_dict(model, options=GATHER_TO_MAIN)
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` unsharded on this process's CPU (a collective when it is an FSDP2 DTensor)."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` on ``like``'s device and dtype, and sharded as ``like`` is when it is a DTensor."""
+    full = full.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements) if isinstance(like, DTensor) else full
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model.errors import CheckpointError
+from model.training import distributed
 
 EMA_FILE = "ema.safetensors"
 
@@ -46,10 +46,7 @@ class WeightEMA:
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every shadow tensor unsharded on the CPU (every process must call it)."""
-        return {
-            name: (shadow.full_tensor() if isinstance(shadow, DTensor) else shadow).detach().cpu()
-            for name, shadow in self.shadow.items()
-        }
+        return {name: distributed.full_tensor(shadow) for name, shadow in self.shadow.items()}
 
     @torch.no_grad()
     def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -58,10 +55,7 @@ class WeightEMA:
         if missing:
             raise CheckpointError(f"the EMA state lacks {len(missing)} tensors, e.g. {missing[0]}")
         for name, shadow in self.shadow.items():
-            full = state[name].to(device=shadow.device, dtype=shadow.dtype)
-            if isinstance(shadow, DTensor):
-                full = distribute_tensor(full, shadow.device_mesh, shadow.placements)
-            shadow.copy_(full)
+            shadow.copy_(distributed.shard_like(state[name], shadow))
 
 
 def save_ema(state: dict[str, torch.Tensor], folder: Path) -> None:

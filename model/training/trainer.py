@@ -238,6 +238,7 @@ def train(request: TrainRequest) -> TrainResult:
         # 5. The loop.
         log = _Log(request.out, start, config.tensorboard, context.is_main)
         losses = []
+        servable = None  # what final/ would hold, as the newest checkpoint gathered it
         last = min(config.steps, request.stop_after or config.steps)
         bar = tqdm(
             total=config.steps,
@@ -292,18 +293,18 @@ def train(request: TrainRequest) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             if done % config.checkpoint_every == 0 or done == last:
-                _checkpoint(request, pipe, model, optimizer, ema, done, context)
+                servable = _checkpoint(request, pipe, model, optimizer, ema, done, context)
         bar.close()
         log.close()
         # 6. The final model.
         final = None
         if last == config.steps:
-            state = distributed.full_model_state(model)
-            if ema is not None:
-                state.update(ema.full_state())
+            if servable is None:  # resumed at the last step: no step ran, so nothing was gathered
+                average = None if ema is None else ema.full_state()
+                servable = _servable(distributed.full_model_state(model), average)
             final = request.out / FINAL_DIR
             if context.is_main:
-                export_pipeline(pipe, state, final)
+                export_pipeline(pipe, servable, final)
             distributed.barrier(context)
         return TrainResult(step=last, losses=losses, final=final)
     finally:
@@ -344,8 +345,10 @@ def _checkpoint(
     ema: WeightEMA | None,
     step: int,
     context: DistContext,
-) -> None:
-    """Gather the full states on every process (collective), write them from the main one."""
+) -> dict[str, torch.Tensor]:
+    """Gather the full states on every process (collective), write them from the main one; returns
+    the weights ``final/`` would hold at this step (:func:`_servable`), so the last step's export
+    gathers nothing twice."""
     full_state = distributed.full_model_state(model)
     optimizer_state = distributed.full_optimizer_state(model, optimizer)
     ema_state = None if ema is None else ema.full_state()
@@ -361,3 +364,11 @@ def _checkpoint(
             request.out, pipe, full_state, optimizer_state, state, request.config.keep_checkpoints, ema_state
         )
     distributed.barrier(context)
+    return _servable(full_state, ema_state)
+
+
+def _servable(
+    full_state: dict[str, torch.Tensor], average: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The weights ``final/`` holds: the average of the trainable ones where the run keeps one."""
+    return full_state if average is None else {**full_state, **average}
