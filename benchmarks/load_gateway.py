@@ -39,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-from service.redis_server import RedisServer, free_port
+from service.cli.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT_BODY = {"prompt": "a benchmark job", "height": 32, "width": 32, "num_frames": 5, "steps": 2}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import UniViGUError
+from model.limits import add_option_flags, option_values
 from model.training.cli import register_training
 
 
@@ -30,42 +31,27 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--attention-backend", help="diffusers attention backend: auto, native, flash, sage ..."
     )
     parser.add_argument("--sampler", default="euler", choices=["euler", "unipc"], help="video sampler")
-    parser.add_argument("--seed", type=int, help="random seed (drawn and reported when omitted)")
-    parser.add_argument("--steps", type=int, help="denoising steps (model default when omitted)")
-
-
-def _add_video_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--height", type=int, help="multiple of 16")
-    parser.add_argument("--width", type=int, help="multiple of 16")
-    parser.add_argument("--num-frames", type=int, help="4k+1 frames")
-    parser.add_argument("--fps", type=int, help="frame rate of the MP4")
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument(
-        "--step-cache", type=float, help="opt-in first-block step cache threshold, e.g. 0.1 (default off)"
-    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``generate``, ``caption`` and ``joint`` to the ``univigu`` command."""
     generate = subparsers.add_parser("generate", help="text-to-video, written as an MP4")
-    _add_video_options(generate)
+    generate.add_argument("prompt")
+    add_option_flags(generate, "generate")
     _add_model_options(generate)
     generate.add_argument("--out", type=Path, default=Path("video.mp4"), help="MP4 path (default video.mp4)")
     generate.set_defaults(handler=_run_generate)
 
     caption = subparsers.add_parser("caption", help="caption a video file, written as JSON")
     caption.add_argument("video", type=Path)
-    caption.add_argument("--prompt", help="optional conditioning text")
-    caption.add_argument("--max-tokens", type=int, help="caption length in tokens")
+    add_option_flags(caption, "caption")
     _add_model_options(caption)
     caption.add_argument("--out", type=Path, help="JSON path (default: print to stdout)")
     caption.set_defaults(handler=_run_caption)
 
     joint = subparsers.add_parser("joint", help="a video and its description together")
-    _add_video_options(joint)
-    joint.add_argument("--max-tokens", type=int, help="description length in tokens")
+    joint.add_argument("prompt")
+    add_option_flags(joint, "joint")
     _add_model_options(joint)
     joint.add_argument(
         "--out", type=Path, default=Path("joint.mp4"), help="MP4 path; the text goes beside it as .json"
@@ -105,20 +91,6 @@ def _progress_bar(description: str):
     return update
 
 
-def _video_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "negative_prompt": args.negative_prompt,
-        "height": args.height,
-        "width": args.width,
-        "num_frames": args.num_frames,
-        "fps": args.fps,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "seed": args.seed,
-        "step_cache": args.step_cache,
-    }
-
-
 def _write_json(payload: dict[str, Any], out: Path | None) -> None:
     text = json.dumps(payload, indent=2)
     if out is None:
@@ -131,28 +103,22 @@ def _write_json(payload: dict[str, Any], out: Path | None) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     from model.media import write_mp4
 
-    result = _load(args).generate(args.prompt, progress=_progress_bar("generate"), **_video_kwargs(args))
+    options = option_values(args, "generate")
+    result = _load(args).generate(args.prompt, progress=_progress_bar("generate"), **options)
     print(write_mp4(result.frames, args.out, fps=result.fps))
 
 
 def _run_caption(args: argparse.Namespace) -> None:
-    result = _load(args).caption(
-        args.video,
-        prompt=args.prompt,
-        steps=args.steps,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        progress=_progress_bar("caption"),
-    )
+    options = option_values(args, "caption")
+    result = _load(args).caption(args.video, progress=_progress_bar("caption"), **options)
     _write_json({"caption": result.text, "seed": result.seed, "tokens": result.tokens}, args.out)
 
 
 def _run_joint(args: argparse.Namespace) -> None:
     from model.media import write_mp4
 
-    result = _load(args).joint(
-        args.prompt, max_tokens=args.max_tokens, progress=_progress_bar("joint"), **_video_kwargs(args)
-    )
+    options = option_values(args, "joint")
+    result = _load(args).joint(args.prompt, progress=_progress_bar("joint"), **options)
     print(write_mp4(result.frames, args.out, fps=result.fps))
     _write_json(
         {"caption": result.text, "seed": result.seed, "tokens": result.tokens}, args.out.with_suffix(".json")

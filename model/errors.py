@@ -1,7 +1,7 @@
 """Domain errors of the model package, flat and torch-free.
 
 Every error carries a stable machine-readable ``code``; the worker stores it on a failed job and the
-gateway maps codes to HTTP statuses in one place (``service.errors``). Messages say what was wrong and
+gateway maps codes to HTTP statuses in one place (``service.gateway.errors``). Messages say what was wrong and
 what is allowed.
 """
 
@@ -75,8 +75,8 @@ class Canceled(UniViGUError):
     code = "canceled"
 
 
-class StorageError(UniViGUError):
-    """Writing a result failed (disk full, read-only volume)."""
+class VideoWriteError(UniViGUError):
+    """Writing a video file failed (disk full, read-only volume)."""
 
     code = "storage_error"
 

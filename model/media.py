@@ -30,7 +30,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from model.errors import InvalidParameterError, InvalidVideoError, StorageError, VideoTooLargeError
+from model.errors import InvalidParameterError, InvalidVideoError, VideoTooLargeError, VideoWriteError
 
 #: Demuxers accepted for input files (ffmpeg names): ISO-BMFF/QuickTime, Matroska/WebM and AVI.
 ALLOWED_DEMUXERS = "mov,mp4,matroska,webm,avi"
@@ -237,7 +237,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], *, fps: float) -
 
     The file is yuv420p with ``+faststart`` (plays and seeks in browsers). It is written to a
     temporary name in the same directory and renamed into place, so ``path`` never holds a partial
-    file. Raises InvalidParameterError for bad frames or fps, StorageError when writing fails.
+    file. Raises InvalidParameterError for bad frames or fps, VideoWriteError when writing fails.
     Returns ``path`` as a Path.
     """
     if not isinstance(frames, np.ndarray):
@@ -278,10 +278,10 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], *, fps: float) -
             errors.seek(0)
             log = errors.read().decode("utf-8", "replace")
         if proc.returncode != 0:
-            raise StorageError(f"could not write video {path}: {_ffmpeg_error(log)}")
+            raise VideoWriteError(f"could not write video {path}: {_ffmpeg_error(log)}")
         os.replace(temp, path)
     except OSError as exc:
-        raise StorageError(f"could not write video {path}: {exc.strerror or exc}") from exc
+        raise VideoWriteError(f"could not write video {path}: {exc.strerror or exc}") from exc
     finally:
         temp.unlink(missing_ok=True)
     return path

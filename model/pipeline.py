@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from model import params
+from model import limits
 from model.checkpoint import (
     build_transformer,
     load_transformer_folder,
@@ -53,6 +53,8 @@ ProgressCallback = Callable[[int, int], None]
 Denoiser = UniViGUTransformer | FirstBlockCache
 """What a denoising loop calls: the transformer itself or a step cache around it (same signature)."""
 CancelCheck = Callable[[], bool]
+TextUpdate = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+"""How joint mode moves the text after a step: ``(logits (1, L, V), step index, tokens (1, L)) -> tokens``."""
 
 PIPELINE_FILE = "univigu.json"
 NULL_PROMPT_FILE = "null_prompt.safetensors"
@@ -375,19 +377,11 @@ class UniViGUPipeline:
         padded, mask = self.text.tokenize([prompt], self.defaults.max_prompt_tokens)
         tokens = padded[:, : int(mask.sum())]  # (1, real tokens)
         cond, uncond = self._conditions(prompt, negative_prompt, request.guidance_scale)
-        # 3. Timesteps and the initial latent.
-        sampler = make_video_sampler(self.video_sampler, request.steps)
+        # 3. The initial latent.
         latent = self._initial_latent(request, generator)
-        zero = torch.zeros(1, device=self.device)
         network = self._denoiser(request)
-        # 4. Denoise.
-        for index, time in enumerate(sampler.timesteps):
-            _check_cancel(should_cancel)
-            velocity, _ = self._guided(
-                network, latent, tokens, time.view(1), zero, cond, uncond, request, False
-            )
-            latent = sampler.step(velocity, index, latent)
-            _report(progress, index + 1, request.steps)
+        # 4. Denoise the video; the prompt stays clean.
+        latent, _ = self._denoise(network, request, latent, tokens, cond, uncond, progress, should_cancel)
         # 5. Decode.
         return VideoResult(self._decode(latent), request.fps, seed, _skipped_steps(network))
 
@@ -409,7 +403,7 @@ class UniViGUPipeline:
         4k+1 frames) or uint8 frames ``(T, H, W, 3)`` already at a valid size.
         """
         # 1. Check inputs and fit the video.
-        steps = int(params.check_range("steps", steps or self.defaults.steps, 1, 1000))
+        steps = int(limits.check_range("steps", steps or self.defaults.steps, 1, 1000))
         length = self._caption_length(max_tokens)
         frames = self._fit_video(video)
         seed, generator = self._seeded(seed)
@@ -469,21 +463,18 @@ class UniViGUPipeline:
         seed, generator = self._seeded(seed)
         # 2. Encode the prompt.
         cond, uncond = self._conditions(prompt, negative_prompt, request.guidance_scale)
-        # 3. Timesteps, the initial latent and the initial tokens.
-        sampler = make_video_sampler(self.video_sampler, request.steps)
+        # 3. The initial latent and the initial tokens.
         latent = self._initial_latent(request, generator)
         tokens = uniform_tokens(1, length, self.transformer.config.vocab_size, self.device, generator)
         network = self._denoiser(request)
+
         # 4. Denoise both streams; the text time is the video time of the step.
-        for index, time in enumerate(sampler.timesteps):
-            _check_cancel(should_cancel)
-            times = time.view(1)
-            velocity, logits = self._guided(
-                network, latent, tokens, times, times, cond, uncond, request, True
-            )
-            latent = sampler.step(velocity, index, latent)
-            tokens = joint_text_update(logits, index, request.steps, tokens, generator)
-            _report(progress, index + 1, request.steps)
+        def update_text(logits: torch.Tensor, index: int, tokens: torch.Tensor) -> torch.Tensor:
+            return joint_text_update(logits, index, request.steps, tokens, generator)
+
+        latent, tokens = self._denoise(
+            network, request, latent, tokens, cond, uncond, progress, should_cancel, update_text
+        )
         # 5. One clean pass for the final tokens, then decode both.
         zero = torch.zeros(1, device=self.device)
         _, logits = self.transformer(latent, tokens, zero, zero, cond, compute_velocity=False)
@@ -506,12 +497,12 @@ class UniViGUPipeline:
     ) -> VideoRequest:
         d = self.defaults
         return VideoRequest(
-            height=params.check_side("height", d.height if height is None else height, MAX_SIDE),
-            width=params.check_side("width", d.width if width is None else width, MAX_SIDE),
-            num_frames=params.check_frames(d.num_frames if num_frames is None else num_frames, MAX_FRAMES),
-            fps=int(params.check_range("fps", d.fps if fps is None else fps, 1, 120)),
-            steps=int(params.check_range("steps", d.steps if steps is None else steps, 1, 1000)),
-            guidance_scale=params.check_range(
+            height=limits.check_side("height", d.height if height is None else height, MAX_SIDE),
+            width=limits.check_side("width", d.width if width is None else width, MAX_SIDE),
+            num_frames=limits.check_frames(d.num_frames if num_frames is None else num_frames, MAX_FRAMES),
+            fps=int(limits.check_range("fps", d.fps if fps is None else fps, 1, 120)),
+            steps=int(limits.check_range("steps", d.steps if steps is None else steps, 1, 1000)),
+            guidance_scale=limits.check_range(
                 "guidance_scale",
                 d.guidance_scale if guidance_scale is None else guidance_scale,
                 0.0,
@@ -528,13 +519,13 @@ class UniViGUPipeline:
 
     def _caption_length(self, max_tokens: int | None) -> int:
         length = self.defaults.caption_tokens if max_tokens is None else max_tokens
-        return int(params.check_range("max_tokens", length, 1, self.defaults.max_caption_tokens))
+        return int(limits.check_range("max_tokens", length, 1, self.defaults.max_caption_tokens))
 
     def _seeded(self, seed: int | None) -> tuple[int, torch.Generator]:
         """The seed actually used (drawn when None) and a generator on the pipeline's device."""
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        params.check_range("seed", seed, 0, 2**63 - 1)
+        limits.check_range("seed", seed, 0, 2**63 - 1)
         return seed, torch.Generator(self.device).manual_seed(seed)
 
     def _conditions(
@@ -561,11 +552,44 @@ class UniViGUPipeline:
         shape = (
             1,
             self.transformer.config.in_channels,
-            params.latent_frames(request.num_frames),
+            limits.latent_frames(request.num_frames),
             request.height // scale,
             request.width // scale,
         )
         return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    def _denoise(
+        self,
+        network: Denoiser,
+        request: VideoRequest,
+        latent: torch.Tensor,
+        tokens: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        update_text: TextUpdate | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The video loop of ``generate`` and ``joint``: ``latent (1, C, f, h, w)`` from noise to clean.
+
+        Without ``update_text`` the text stream ``tokens (1, L)`` is held clean (time 0); with it, the
+        text shares the video's clock and ``update_text`` moves it after every step. Returns the clean
+        latent and the final tokens.
+        """
+        sampler = make_video_sampler(self.video_sampler, request.steps)
+        clean = torch.zeros(1, device=self.device)
+        for index, time in enumerate(sampler.timesteps):
+            _check_cancel(should_cancel)
+            time_v = time.view(1)
+            time_t = clean if update_text is None else time_v
+            velocity, logits = self._guided(
+                network, latent, tokens, time_v, time_t, cond, uncond, request, update_text is not None
+            )
+            latent = sampler.step(velocity, index, latent)
+            if update_text is not None:
+                tokens = update_text(logits, index, tokens)
+            _report(progress, index + 1, request.steps)
+        return latent, tokens
 
     def _guided(
         self,
@@ -605,9 +629,9 @@ class UniViGUPipeline:
                     f"video frames must be uint8 of shape (T, H, W, 3), got {video.dtype} {video.shape}",
                     param="video",
                 )
-            params.check_frames(video.shape[0], MAX_FRAMES, name="video frame count")
-            params.check_side("video height", video.shape[1], MAX_SIDE)
-            params.check_side("video width", video.shape[2], MAX_SIDE)
+            limits.check_frames(video.shape[0], MAX_FRAMES, name="video frame count")
+            limits.check_side("video height", video.shape[1], MAX_SIDE)
+            limits.check_side("video width", video.shape[2], MAX_SIDE)
             return video
         from model.media import read_video
 

@@ -7,7 +7,7 @@
         job = client.wait(job.id, on_progress=lambda j: print(j.status, j.progress))
         client.download(job.id, "ball.mp4")
 
-Answers are the gateway's own models from :mod:`service.schemas` (``Job``, ``JobPage``). Every error
+Answers are the gateway's own models from :mod:`service.contract.schemas` (``Job``, ``JobPage``). Every error
 answer raises :class:`ApiError` with the envelope's ``code``, ``message`` and ``param``; omitted options
 (``None``) are left out of the request, so the model's defaults apply. Only httpx and pydantic are
 needed (no torch).
@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Literal
 
 import httpx
 
-from service.schemas import ErrorEnvelope, Job, JobPage, JobStatus, JobType
+from service.contract.schemas import ErrorEnvelope, Job, JobPage, JobStatus, JobType
 
 DEFAULT_API_KEY_HEADER = "X-API-Key"
 # wait(): the first poll comes after MIN_POLL seconds, each quiet one waits BACKOFF times longer, up to MAX_POLL.

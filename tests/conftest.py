@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.jobs import JobStore
-from service.redis_server import RedisServer
-from service.schemas import JobType
-from service.settings import Settings
+from service.cli.redis_server import RedisServer
+from service.contract.schemas import JobType
+from service.contract.settings import Settings
+from service.contract.store import JobStore
+from service.gateway.app import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_START_TIMEOUT = 180.0

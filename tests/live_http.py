@@ -16,9 +16,9 @@ import httpx
 import uvicorn
 from conftest import WorkerProcess, make_settings, wait_for
 
-from service.app import create_app
-from service.redis_server import RedisServer, free_port
-from service.settings import Settings
+from service.cli.redis_server import RedisServer, free_port
+from service.contract.settings import Settings
+from service.gateway.app import create_app
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import openai
 import pytest
 from live_http import LiveService, live_service
 
-from service.redis_server import RedisServer
+from service.cli.redis_server import RedisServer
 
 
 def openai_fixtures(directory: str) -> tuple[Any, Any]:

@@ -13,9 +13,9 @@ import pytest
 from conftest import REPO, TINY_VIDEO, settings_env
 from live_http import LiveService, live_service, serve_gateway
 
+from service.cli.redis_server import RedisServer
 from service.client import ApiError, Client, WaitTimeout
-from service.redis_server import RedisServer
-from service.schemas import Job, JobStatus, JobType
+from service.contract.schemas import Job, JobStatus, JobType
 
 pytestmark = pytest.mark.slow
 

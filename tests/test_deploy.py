@@ -2,7 +2,7 @@
 
 Dockerfile, docker-compose.yml and deploy/ (Prometheus, Grafana, Redis) must agree with the code: every
 command parses with the real ``univigu`` argument parser, every ``UNIVIGU_*`` variable is a field of
-:class:`service.settings.Settings` and the values validate, ports and volumes agree between services,
+:class:`service.contract.settings.Settings` and the values validate, ports and volumes agree between services,
 Prometheus scrapes the ports the code listens on, and every metric in the dashboard is one the code's
 registries export. Compose files are read after interpolation with every variable unset (the defaults).
 """
@@ -26,10 +26,10 @@ from packaging.specifiers import SpecifierSet
 from prometheus_client.metrics import MetricWrapperBase
 
 from model.config import PRESETS
-from service.cli import build_parser
-from service.metrics import GatewayMetrics, WorkerMetrics
-from service.routes import health
-from service.settings import Settings
+from service.cli.main import build_parser
+from service.contract.metrics import GatewayMetrics, WorkerMetrics
+from service.contract.settings import Settings
+from service.gateway.routes import health
 from worker.loading import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,7 +309,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 # --- commands and the image ---------------------------------------------------------------------------
 def test_the_entrypoint_is_the_univigu_console_script() -> None:
-    assert PYPROJECT["project"]["scripts"]["univigu"] == "service.cli:main"
+    assert PYPROJECT["project"]["scripts"]["univigu"] == "service.cli.main:main"
     assert ENTRYPOINT == ["univigu"]
     assert CMD == ["gateway"]
 
@@ -409,7 +409,7 @@ def test_every_univigu_variable_is_a_setting() -> None:
         for key in interpolation_variables(COMPOSE_TEXT)
         if key.startswith("UNIVIGU_") and key not in SETTING_VARIABLES
     }
-    assert not unknown, f"not fields of service.settings.Settings: {sorted(unknown)}"
+    assert not unknown, f"not fields of service.contract.settings.Settings: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("name", OUR_SERVICES)

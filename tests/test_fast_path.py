@@ -19,7 +19,7 @@ from model.errors import AttentionBackendError
 from model.media import psnr
 from model.network import UniViGUTransformer, resolve_attention_backend
 from model.pipeline import UniViGUPipeline
-from service.settings import Settings
+from service.contract.settings import Settings
 from worker.loading import WARMUP_PROMPT, ModelSpec, describe_model, load_pipeline, warm_up
 
 CONFIG = dataclasses.replace(get_preset("tiny").transformer, num_layers=3, vocab_size=50)

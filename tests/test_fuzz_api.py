@@ -25,9 +25,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
-from service.schemas import ServedModel
-from service.settings import Settings
+from service.contract.schemas import ServedModel
+from service.contract.settings import Settings
+from service.gateway.app import create_app
 
 # Per generation mode; the whole test stays well under 90 s on two CPU cores.
 EXAMPLES_PER_MODE = 400
@@ -66,7 +66,14 @@ def test_fuzz_every_operation_of_the_openapi_schema(
     with serve_gateway(config) as url:
         store = app.state.services.store
         store.worker_alive("fuzz-worker")  # /readyz and /model answer as with a live worker
-        store.publish_model(ServedModel(preset="tiny", max_caption_tokens=48, defaults={}))
+        tiny = {
+            "height": 64,
+            "width": 64,
+            "num_frames": 17,
+            "fps": 8,
+            "steps": 8,
+        }  # as a tiny worker publishes them
+        store.publish_model(ServedModel(preset="tiny", max_caption_tokens=48, defaults=tiny))
 
         @settings(
             max_examples=EXAMPLES_PER_MODE,

@@ -1,7 +1,8 @@
 """The authors' reference outputs: every golden folder loads and reproduces velocity and logits.
 
-Folders come from ``../shared/golden`` beside the repository and from ``UNIVIGU_GOLDEN_DIRS``
-(separated by ``os.pathsep``; each entry is a golden folder or a folder of them).
+Folders come from ``tests/golden`` (the repository's own copy of the reference sets) and from
+``UNIVIGU_GOLDEN_DIRS`` (separated by ``os.pathsep``; each entry is a golden folder or a folder of
+them), so more sets can be checked without copying them in.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from model.pipeline import cast_transformer
 
 pytestmark = pytest.mark.golden
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "golden"
+DEFAULT_ROOT = Path(__file__).resolve().parent / "golden"
 RELATIVE_TOLERANCE = 1e-4
 
 

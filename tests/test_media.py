@@ -12,7 +12,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from model.errors import InvalidParameterError, InvalidVideoError, StorageError, VideoTooLargeError
+from model.errors import InvalidParameterError, InvalidVideoError, VideoTooLargeError, VideoWriteError
 from model.media import VideoLimits, first_frame_jpeg, probe_video, read_video, write_mp4
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -285,14 +285,14 @@ def test_custom_limits(square_clip: Path) -> None:
 
 def test_write_failure_into_missing_directory_is_storage_error(tmp_path: Path) -> None:
     target = tmp_path / "missing" / "out.mp4"
-    with pytest.raises(StorageError, match=re.escape(str(target))):
+    with pytest.raises(VideoWriteError, match=re.escape(str(target))):
         write_mp4(moving_square(5), target, fps=8)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_rename_leaves_no_temporary_file(tmp_path: Path) -> None:
     (tmp_path / "out.mp4").mkdir()  # os.replace of a file onto a directory fails after encoding
-    with pytest.raises(StorageError, match=r"out\.mp4"):
+    with pytest.raises(VideoWriteError, match=r"out\.mp4"):
         write_mp4(moving_square(5), tmp_path / "out.mp4", fps=8)
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
 
@@ -301,7 +301,7 @@ def test_failed_rename_leaves_no_temporary_file(tmp_path: Path) -> None:
 def test_write_into_read_only_directory_is_storage_error(tmp_path: Path) -> None:
     tmp_path.chmod(0o555)
     try:
-        with pytest.raises(StorageError, match=r"out\.mp4"):
+        with pytest.raises(VideoWriteError, match=r"out\.mp4"):
             write_mp4(moving_square(5), tmp_path / "out.mp4", fps=8)
         assert list(tmp_path.iterdir()) == []
     finally:

@@ -17,9 +17,9 @@ from live_http import LiveService, serve_gateway
 from openai_live import openai_fixtures
 
 from model.media import write_mp4
-from service.redis_client import connect_redis, job_store
-from service.redis_server import RedisServer
-from service.schemas import ServedModel
+from service.cli.redis_server import RedisServer
+from service.contract.connection import connect_redis, job_store
+from service.contract.schemas import ServedModel
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 

@@ -9,10 +9,10 @@ import pytest
 from conftest import assert_envelope, queued
 from fastapi.testclient import TestClient
 
-from service.errors import ApiError, failed_job_error
-from service.openai.videos import frames_for, parse_size, seconds_text, to_video
-from service.schemas import ErrorInfo, Job, JobResult, JobStatus, JobType, ServedModel
-from service.settings import Settings
+from service.contract.schemas import ErrorInfo, Job, JobResult, JobStatus, JobType, ServedModel
+from service.contract.settings import Settings
+from service.gateway.errors import HttpError, failed_job_error
+from service.gateway.openai.videos import frames_for, parse_size, seconds_text, to_video
 
 TINY = ServedModel(
     preset="tiny",
@@ -32,14 +32,14 @@ def test_seconds_become_the_nearest_4k_plus_1_frames(seconds: str | float, fps: 
 
 
 def test_seconds_outside_the_frame_range_or_not_positive_are_refused() -> None:
-    with pytest.raises(ApiError) as long:
+    with pytest.raises(HttpError) as long:
         frames_for("12", 16, Settings())  # 193 frames; at most 129
     assert (long.value.status, long.value.param) == (422, "seconds")
     assert "between 0.0625 and 8.0625" in long.value.message
     for bad in ("0", "-2", "soon", "nan", "inf"):
-        with pytest.raises(ApiError):
+        with pytest.raises(HttpError):
             frames_for(bad, 8, Settings())
-    with pytest.raises(ApiError):
+    with pytest.raises(HttpError):
         frames_for("4", 8, Settings(max_frames=31))  # 33 frames > 29, the largest 4k+1 under 31
 
 
@@ -47,7 +47,7 @@ def test_sizes_are_width_by_height() -> None:
     assert parse_size("832x480") == (832, 480)
     assert parse_size(" 720 X 1280 ") == (720, 1280)
     for bad in ("832", "832x", "x480", "832*480", "-16x16"):
-        with pytest.raises(ApiError):
+        with pytest.raises(HttpError):
             parse_size(bad)
 
 

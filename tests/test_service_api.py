@@ -8,9 +8,9 @@ import pytest
 from conftest import assert_envelope
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.redis_server import free_port
-from service.settings import Settings
+from service.cli.redis_server import free_port
+from service.contract.settings import Settings
+from service.gateway.app import create_app
 
 
 def queue_length(client: TestClient) -> int:

@@ -9,9 +9,10 @@ import pytest
 from conftest import queued
 from redis import Redis
 
-from service.jobs import JobNotFound, JobStore
-from service.redis_server import RedisServer
-from service.schemas import ErrorInfo, JobResult, JobStatus, JobType
+from service.cli.redis_server import RedisServer
+from service.contract.errors import JobNotFound
+from service.contract.schemas import ErrorInfo, JobResult, JobStatus, JobType
+from service.contract.store import JobStore
 
 
 @pytest.fixture

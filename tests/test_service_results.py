@@ -9,10 +9,10 @@ from collections.abc import Callable
 from conftest import assert_envelope, wait_for
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.maintenance import UPLOAD_GRACE_SECONDS
-from service.schemas import JobResult, JobStatus
-from service.settings import Settings
+from service.contract.schemas import JobResult, JobStatus
+from service.contract.settings import Settings
+from service.gateway.app import create_app
+from service.gateway.maintenance import UPLOAD_GRACE_SECONDS
 
 
 def test_results_expire_and_are_deleted(settings_factory: Callable[..., Settings]) -> None:

@@ -18,10 +18,10 @@ from conftest import assert_envelope
 from fastapi.testclient import TestClient
 from live_http import serve_gateway
 
-from service.app import create_app
-from service.results import ResultFiles
-from service.schemas import JobResult, JobStatus
-from service.settings import Settings
+from service.contract.result_files import ResultFiles
+from service.contract.schemas import JobResult, JobStatus
+from service.contract.settings import Settings
+from service.gateway.app import create_app
 
 KEYS = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.contract.settings import Settings
 
 
 def test_environment_prefix_and_redis_url_alias(monkeypatch: pytest.MonkeyPatch) -> None:

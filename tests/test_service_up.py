@@ -15,7 +15,7 @@ from conftest import REPO, TINY_VIDEO, wait_for
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.redis_server import free_port
+from service.cli.redis_server import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,11 @@ from conftest import assert_envelope
 from fastapi.testclient import TestClient
 
 from model.media import write_mp4
-from service.app import create_app
-from service.errors import ApiError
-from service.schemas import ServedModel
-from service.settings import Settings
-from service.uploads import receive_upload
+from service.contract.schemas import ServedModel
+from service.contract.settings import Settings
+from service.gateway.app import create_app
+from service.gateway.errors import HttpError
+from service.gateway.uploads import receive_upload
 
 BOUNDARY = "univigu-test-boundary"
 
@@ -127,7 +127,7 @@ def test_the_stream_is_not_read_past_the_limit(tmp_path: Path) -> None:
         destination=destination,
         max_bytes=3 * chunk,
     )
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(HttpError) as raised:
         anyio.run(receive)
     assert raised.value.status == 413
     assert consumed <= 5, f"read {consumed} chunks of {len(data) // chunk} for a 3-chunk limit"

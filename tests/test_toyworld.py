@@ -282,7 +282,7 @@ def test_decoder_refinement_lowers_the_loss_and_leaves_the_encoder_as_it_was():
 
 
 def test_refine_decoder_command_rewrites_only_the_decoder_of_a_model_folder(tmp_path):
-    from service.cli import main
+    from service.cli.main import main
 
     model = UniViGUPipeline.from_preset("toy", seed=0).save_pretrained(tmp_path / "model")
     manifest = make_dataset(2, tmp_path / "data", seed=0)
@@ -323,7 +323,7 @@ TINY_STAGE = "[{0}]\nsteps = 1\nglobal_batch_size = 2\n[{0}.optim]\nwarmup_steps
 
 
 def test_the_recipe_chains_its_stages_and_ships_the_polished_model(tmp_path):
-    from service.cli import main
+    from service.cli.main import main
 
     config = tmp_path / "recipe.toml"
     config.write_text(

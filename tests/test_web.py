@@ -14,8 +14,8 @@ import pytest
 from conftest import TINY_VIDEO
 from live_http import LiveService, live_service, serve_gateway
 
+from service.cli.redis_server import RedisServer
 from service.client import Client
-from service.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 

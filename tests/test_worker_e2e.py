@@ -13,9 +13,9 @@ from conftest import TINY_VIDEO, WorkerProcess, assert_envelope, make_settings, 
 from fastapi.testclient import TestClient
 
 from model.media import read_video, write_mp4
-from service.app import create_app
-from service.redis_server import RedisServer, free_port
-from service.settings import Settings
+from service.cli.redis_server import RedisServer, free_port
+from service.contract.settings import Settings
+from service.gateway.app import create_app
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ from conftest import TINY_VIDEO, WorkerProcess, assert_envelope, make_settings, 
 from fastapi.testclient import TestClient
 from live_http import serve_gateway
 
-from service.app import create_app
-from service.redis_server import RedisServer
-from service.settings import Settings
+from service.cli.redis_server import RedisServer
+from service.contract.settings import Settings
+from service.gateway.app import create_app
 
 pytestmark = pytest.mark.slow
 

@@ -20,13 +20,13 @@ from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 
 from model.errors import Canceled, PromptTooLongError
-from service.jobs import JobStore
-from service.metrics import WorkerMetrics
-from service.queue import FAILURE_CALLBACK, JobQueue
-from service.redis_server import RedisServer
-from service.results import ResultFiles
-from service.schemas import JobStatus
-from worker import jobs
+from service.cli.redis_server import RedisServer
+from service.contract.metrics import WorkerMetrics
+from service.contract.queue import FAILURE_CALLBACK, JobQueue
+from service.contract.result_files import ResultFiles
+from service.contract.schemas import JobStatus
+from service.contract.store import JobStore
+from worker import tasks
 from worker.runner import JobRunner
 
 
@@ -153,9 +153,9 @@ def test_rq_failure_callback_fails_abandoned_jobs_only(runner: JobRunner) -> Non
     store = runner.store
     abandoned = queued(store, "abandoned")
     finished = run(runner)
-    jobs.install(runner)
+    tasks.install(runner)
     for job_id in (abandoned, finished.id):
-        jobs.on_failure(SimpleNamespace(id=job_id), None, AbandonedJobError, AbandonedJobError(), None)
+        tasks.on_failure(SimpleNamespace(id=job_id), None, AbandonedJobError, AbandonedJobError(), None)
     lost = store.get(abandoned)
     assert (lost.status, lost.error.code) == (JobStatus.failed, "worker_lost")
     assert store.get(finished.id).status == JobStatus.succeeded

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.config import VaeTiling
-from service.schemas import ServedModel
-from service.settings import Settings
+from service.contract.schemas import ServedModel
+from service.contract.settings import Settings
 
 if TYPE_CHECKING:
     from model.pipeline import UniViGUPipeline

@@ -23,12 +23,12 @@ from prometheus_client import start_http_server
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from service.jobs import JobStore
-from service.metrics import WorkerMetrics
-from service.redis_client import REDIS_UNREACHABLE, connect_redis, job_queue, job_store
-from service.results import ResultFiles
-from service.settings import Settings
-from worker import jobs
+from service.contract.connection import REDIS_UNREACHABLE, connect_redis, job_queue, job_store
+from service.contract.metrics import WorkerMetrics
+from service.contract.result_files import ResultFiles
+from service.contract.settings import Settings
+from service.contract.store import JobStore
+from worker import tasks
 from worker.loading import ModelSpec, describe_model, load_pipeline, warm_up
 from worker.runner import JobRunner
 
@@ -170,7 +170,7 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
         worker_name=name,
         finish_retry_seconds=settings.finish_retry_seconds,
     )
-    jobs.install(runner)
+    tasks.install(runner)
     heartbeat = Heartbeat(
         store, runner, metrics, interval=settings.heartbeat_interval_seconds, device=spec.device
     )

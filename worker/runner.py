@@ -19,11 +19,12 @@ from rq.timeouts import JobTimeoutException
 
 from model.errors import Canceled, UniViGUError
 from model.media import write_mp4
-from service.jobs import JobStore
-from service.metrics import WorkerMetrics
-from service.redis_client import REDIS_UNREACHABLE
-from service.results import ResultFiles
-from service.schemas import PARAMS_BY_TYPE, ErrorInfo, JobRecord, JobResult, JobStatus, JobType
+from service.contract.connection import REDIS_UNREACHABLE
+from service.contract.errors import StorageError
+from service.contract.metrics import WorkerMetrics
+from service.contract.result_files import ResultFiles
+from service.contract.schemas import PARAMS_BY_TYPE, ErrorInfo, JobRecord, JobResult, JobStatus, JobType
+from service.contract.store import JobStore
 
 if TYPE_CHECKING:
     from model.pipeline import UniViGUPipeline
@@ -126,6 +127,9 @@ class JobRunner:
             return Outcome(
                 JobStatus.failed, error=ErrorInfo(code=exc.code, message=exc.message, param=exc.param)
             )
+        except StorageError as exc:
+            log.warning("job %s could not store its result: %s", record.id, exc)
+            return Outcome(JobStatus.failed, error=ErrorInfo(code=exc.code, message=str(exc)))
         except torch.cuda.OutOfMemoryError as exc:
             # str(exc): a log record that kept the exception would keep the failed job's tensors alive.
             log.warning("job %s ran out of GPU memory: %s", record.id, str(exc))

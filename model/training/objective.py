@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from model.training.config import ObjectiveConfig, Stage
 
 JOINT, CLEAN_VIDEO, CLEAN_TEXT = 0, 1, 2
-KIND_NAMES = ("joint", "clean_video", "clean_text")
 
 
 def example_generator(seed: int, position: int) -> torch.Generator:

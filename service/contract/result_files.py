@@ -1,0 +1,125 @@
+"""Where job files live under ``results_dir`` and how expired ones are removed.
+
+``jobs/{id}/video.mp4`` and ``jobs/{id}/result.json`` are written by the worker under a temporary name
+and renamed, so a reader sees a whole file or none; so is ``jobs/{id}/thumbnail.jpg``, which the gateway
+makes from the video's first frame the first time it is asked for. ``uploads/{id}.upload`` holds a
+caption job's input.
+A job's files are deleted once its record expired from Redis (``result_ttl_seconds`` after it finished).
+
+Every path is built from a job id that must be one plain name (letters, digits, ``_``, ``-``), so no id
+(``../x``, ``/etc``, ``%2e%2e``) can point outside ``results_dir``; the API accepts only 32 hex digits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from service.contract.errors import StorageError
+from service.contract.store import JobStore
+
+log = logging.getLogger(__name__)
+
+SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def checked_job_id(job_id: str) -> str:
+    """``job_id`` if it is one plain path component; ValueError otherwise (a bug or an attack)."""
+    if not SAFE_JOB_ID.fullmatch(job_id):
+        raise ValueError(f"refusing job id {job_id!r} as a file name")
+    return job_id
+
+
+class ResultFiles:
+    def __init__(self, results_dir: Path) -> None:
+        self.jobs_dir = results_dir / "jobs"
+        self.uploads_dir = results_dir / "uploads"
+
+    def ensure_dirs(self) -> None:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / checked_job_id(job_id)
+
+    def video(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "video.mp4"
+
+    def video_target(self, job_id: str) -> Path:
+        """The video path, with its directory created (the writer renames into it)."""
+        try:
+            self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not create {self.job_dir(job_id)}: {exc}") from exc
+        return self.video(job_id)
+
+    def result_json(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "result.json"
+
+    def upload(self, job_id: str) -> Path:
+        return self.uploads_dir / f"{checked_job_id(job_id)}.upload"
+
+    def thumbnail(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "thumbnail.jpg"
+
+    def write_json(self, job_id: str, payload: dict[str, Any]) -> Path:
+        """Write result.json atomically (temporary file in the same directory, then rename)."""
+        text = json.dumps(payload, ensure_ascii=False, indent=2)
+        return self._write_atomic(self.result_json(job_id), text.encode("utf-8"))
+
+    def write_thumbnail(self, job_id: str, jpeg: bytes) -> Path:
+        return self._write_atomic(self.thumbnail(job_id), jpeg)
+
+    @staticmethod
+    def _write_atomic(target: Path, data: bytes) -> Path:
+        """Temporary file in the target's directory, then rename: readers see the whole file or none."""
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(temporary, target)
+            finally:
+                Path(temporary).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not write {target}: {exc}") from exc
+        return target
+
+    def remove_job(self, job_id: str) -> None:
+        """Delete every file of a job: its results folder and its upload."""
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        self.remove_upload(job_id)
+
+    def remove_upload(self, job_id: str) -> None:
+        self.upload(job_id).unlink(missing_ok=True)
+
+    def clean_expired(self, store: JobStore, *, upload_grace_seconds: float) -> int:
+        """Delete the files of jobs whose record expired. Uploads younger than ``upload_grace_seconds``
+        are kept (an upload is written before its record exists). Returns how many entries went."""
+        cutoff = time.time() - upload_grace_seconds
+        removed = 0
+        for path in self._entries(self.jobs_dir):
+            if store.find(path.name) is None:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        for path in self._entries(self.uploads_dir):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff and store.find(path.stem) is None:
+                    path.unlink()
+                    removed += 1
+        if removed:
+            log.info("removed %d expired result entries", removed)
+        return removed
+
+    @staticmethod
+    def _entries(directory: Path) -> list[Path]:
+        return list(directory.iterdir()) if directory.is_dir() else []

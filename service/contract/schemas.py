@@ -1,0 +1,224 @@
+"""Request and response schemas shared by the gateway and the workers (torch-free).
+
+The ``*Params`` models hold the structural rules (types, multiples of 16, 4k+1 frame counts, no unknown
+fields). :func:`build_request_models` derives the gateway's request models from them with the numeric
+ranges of the running :class:`~service.contract.settings.Settings`, so the ranges appear in OpenAPI and in every
+validation message. Values are never rounded: a wrong value is rejected with what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, create_model
+
+from service.contract.settings import Settings
+
+
+class JobType(StrEnum):
+    generate = "generate"
+    caption = "caption"
+    joint = "joint"
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+def _four_k_plus_one(value: int | None) -> int | None:
+    if value is not None and value % 4 != 1:
+        lower = value - (value - 1) % 4
+        raise ValueError(f"must be 4k+1 (e.g. {lower} or {lower + 4})")
+    return value
+
+
+SEED = Field(None, ge=0, le=2**32 - 1, description="Random seed; omitted means random.")
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VideoOptions(_Params):
+    """Video options of /generate and /joint. Omitted values use the model's defaults."""
+
+    negative_prompt: str | None = None
+    height: int | None = Field(None, multiple_of=16, description="Pixels, a multiple of 16.")
+    width: int | None = Field(None, multiple_of=16, description="Pixels, a multiple of 16.")
+    num_frames: Annotated[int | None, AfterValidator(_four_k_plus_one)] = Field(
+        None, description="Frames, 4k+1 (1, 5, 9, ..., 81)."
+    )
+    fps: int | None = None
+    steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance scale.")
+    seed: int | None = SEED
+    step_cache: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Opt-in step cache: skip the later blocks on steps whose first-block residual changed "
+        "by less than this fraction (0.05-0.2 typical; faster, slightly different video). Omitted: off.",
+    )
+
+
+class GenerateParams(VideoOptions):
+    prompt: str = Field(min_length=1)
+
+
+class JointParams(GenerateParams):
+    max_tokens: int | None = Field(None, ge=1, description="Longest caption, in tokens.")
+
+
+class CaptionParams(_Params):
+    """Options of /caption (multipart form fields next to the video file)."""
+
+    prompt: str | None = Field(None, description="Optional text that conditions the caption.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    max_tokens: int | None = Field(None, ge=1, description="Longest caption, in tokens.")
+    seed: int | None = SEED
+
+
+PARAMS_BY_TYPE: dict[JobType, type[_Params]] = {
+    JobType.generate: GenerateParams,
+    JobType.caption: CaptionParams,
+    JobType.joint: JointParams,
+}
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The gateway's request models, bounded by the running settings."""
+
+    generate: type[GenerateParams]
+    joint: type[JointParams]
+    caption: type[CaptionParams]
+
+
+def build_request_models(settings: Settings) -> RequestModels:
+    """Subclass the ``*Params`` models with the numeric ranges of ``settings``."""
+    text: Any = (str | None, Field(None, max_length=settings.max_prompt_chars))
+    size: dict[str, Any] = {"multiple_of": 16, "ge": settings.min_size, "le": settings.max_size}
+    video: dict[str, Any] = {
+        "prompt": (str, Field(min_length=1, max_length=settings.max_prompt_chars)),
+        "negative_prompt": text,
+        "height": (int | None, Field(None, description="Pixels, a multiple of 16.", **size)),
+        "width": (int | None, Field(None, description="Pixels, a multiple of 16.", **size)),
+        "num_frames": (
+            Annotated[int | None, AfterValidator(_four_k_plus_one)],
+            Field(None, ge=settings.min_frames, le=settings.max_frames, description="Frames, 4k+1."),
+        ),
+        "fps": (int | None, Field(None, ge=settings.min_fps, le=settings.max_fps)),
+        "guidance_scale": (float | None, Field(None, ge=0, le=settings.max_guidance_scale)),
+    }
+    steps: Any = (int | None, Field(None, ge=1, le=settings.max_steps, description="Denoising steps."))
+    tokens: Any = (
+        int | None,
+        Field(None, ge=1, le=settings.max_caption_tokens, description="Caption tokens."),
+    )
+    return RequestModels(
+        generate=create_model("GenerateRequest", __base__=GenerateParams, steps=steps, **video),
+        joint=create_model("JointRequest", __base__=JointParams, steps=steps, max_tokens=tokens, **video),
+        caption=create_model(
+            "CaptionRequest", __base__=CaptionParams, prompt=text, steps=steps, max_tokens=tokens
+        ),
+    )
+
+
+MODEL_ALIAS = "univigu"
+"""A model name that always means the served model (OpenAI-compatible ``model`` fields)."""
+
+
+class ServedModel(BaseModel):
+    """What the workers serve, as each worker publishes it at start: its name and sampling defaults."""
+
+    preset: str | None = Field(description="The model's preset (tiny, toy, wan2.1-1.3b), when known.")
+    max_caption_tokens: int = Field(description="The longest caption (max_tokens) the model accepts.")
+    defaults: dict[str, Any] = Field(description="Values used for options a request leaves out.")
+    attention_backend: str | None = Field(None, description="The attention kernel the workers use.")
+    compiled: bool = Field(False, description="Whether the workers run torch.compile'd transformer blocks.")
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="The model's name in the OpenAI-compatible API: univigu-<preset>, or univigu."
+    )
+    @property
+    def id(self) -> str:
+        return f"{MODEL_ALIAS}-{self.preset}" if self.preset else MODEL_ALIAS
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorInfo
+
+
+class JobResult(BaseModel):
+    video_url: str | None = None
+    result_url: str | None = None
+    caption: str | None = None
+    fps: int | None = None
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+class JobRecord(BaseModel):
+    """The gateway's own record of a job, kept in Redis beyond rq's keys (see ``service.contract.store``)."""
+
+    id: str
+    type: JobType
+    status: JobStatus
+    progress: int = Field(0, ge=0, le=100)
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    expires_at: datetime | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    error: ErrorInfo | None = None
+    result: JobResult | None = None
+    worker: str | None = None
+    cancel_requested: bool = False
+    owner: str | None = None
+
+
+class Job(BaseModel):
+    """A job as the API shows it."""
+
+    id: str
+    type: JobType
+    status: JobStatus
+    progress: int = Field(description="0-100 from denoising steps; never decreases.")
+    queue_position: int | None = Field(None, description="Jobs ahead of this one while queued (0: next).")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None = Field(description="When the record and its files are deleted.")
+    params: dict[str, Any]
+    error: ErrorInfo | None
+    result: JobResult | None
+
+    @classmethod
+    def from_record(cls, record: JobRecord, queue_position: int | None = None) -> Job:
+        return cls(
+            queue_position=queue_position,
+            **record.model_dump(exclude={"worker", "cancel_requested", "owner"}),
+        )
+
+
+class JobPage(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last.")

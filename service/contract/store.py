@@ -1,0 +1,424 @@
+"""The job store: the gateway's own job records in Redis, shared by the gateway and the workers.
+
+Keys (``{p}`` is ``settings.key_prefix``):
+
+- ``{p}:job:{id}``: a hash with the record; expires ``result_ttl_seconds`` after the job finishes. Its
+  ``owner`` field is the hash of the API key that created it (absent with API keys off).
+- ``{p}:jobs``: a sorted set of job ids by creation time (for ``GET /jobs``); pruned lazily.
+- ``{p}:running``: the set of running job ids; ``{p}:hb:{id}``: a running job's heartbeat (expiring).
+- ``{p}:idem:{scope}:{key}``: an Idempotency-Key's request fingerprint and job id.
+- ``{p}:workers``: a sorted set of worker names by their last heartbeat (for ``/readyz``).
+- ``{p}:model``: the served model's name, limits and defaults, as the last worker to start published them.
+
+Every status transition is one Lua script, so a cancel, a start, a finish and the reaper never race:
+``queued -> running -> succeeded | failed | canceled`` and ``queued -> canceled``; terminal is final.
+Progress only ever grows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+
+from service.contract.errors import IdempotencyConflict, JobNotFound
+from service.contract.schemas import ErrorInfo, JobRecord, JobResult, JobStatus, JobType, ServedModel
+
+_START = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+return 1
+"""
+
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'progress') or '0') then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+end
+return 1
+"""
+
+# ARGV: status, finished_at, expires_at, ttl, result json, error json, job id, '1' to accept queued too
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' and not (ARGV[8] == '1' and status == 'queued') then
+  redis.call('SREM', KEYS[3], ARGV[7])
+  return status or ''
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], 'expires_at', ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[5], 'progress', '100') end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[7])
+return 'ok'
+"""
+
+# A queued job is canceled at once; a running one gets a flag that its worker checks at every step.
+# Returns the status before, then the record's fields as they stand right after (HGETALL's flat list),
+# so the answer cannot show what a worker did after the cancel. ARGV: finished_at, expires_at, ttl, error
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {''} end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+elseif status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1], 'expires_at', ARGV[2],
+             'error', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+local reply = redis.call('HGETALL', KEYS[1])
+table.insert(reply, 1, status)
+return reply
+"""
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    scope: str
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Submission:
+    record: JobRecord
+    created: bool
+    queue_position: int | None = None
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(value), UTC) if value else None
+
+
+class JobStore:
+    """Job records over Redis. Thread-safe as long as the Redis client is (redis-py's is)."""
+
+    def __init__(self, redis: Redis, *, prefix: str, result_ttl_seconds: int, heartbeat_ttl_seconds: float):
+        self.redis = redis
+        self.prefix = prefix
+        self.result_ttl_seconds = result_ttl_seconds
+        self.heartbeat_ttl_ms = int(heartbeat_ttl_seconds * 1000)
+        self._index = f"{prefix}:jobs"
+        self._running = f"{prefix}:running"
+        self._workers = f"{prefix}:workers"
+        self._model = f"{prefix}:model"
+        self._start = redis.register_script(_START)
+        self._progress = redis.register_script(_PROGRESS)
+        self._finish = redis.register_script(_FINISH)
+        self._cancel = redis.register_script(_CANCEL)
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _heartbeat_key(self, job_id: str) -> str:
+        return f"{self.prefix}:hb:{job_id}"
+
+    # --- creating and reading --------------------------------------------------------------------------
+
+    def create(
+        self,
+        job_id: str,
+        job_type: JobType,
+        params: dict[str, Any],
+        *,
+        idempotency: Idempotency | None,
+        idempotency_ttl_seconds: int,
+        enqueue: Callable[[Pipeline], None],
+        admit: Callable[[], None],
+        queue_key: str,
+        owner: str | None = None,
+    ) -> Submission:
+        """Store a queued record and enqueue it in one transaction, or return the Idempotency-Key's job.
+
+        ``admit`` runs before anything is written and may raise (a full queue); ``enqueue`` adds the
+        queue's writes to the same MULTI so that a record never exists without its queue entry. The new
+        job's position in the list ``queue_key`` is read in that MULTI too. ``owner`` is kept on the
+        record (see :class:`service.gateway.dependencies.Caller`).
+        """
+        idem_key = f"{self.prefix}:idem:{idempotency.scope}:{idempotency.key}" if idempotency else None
+        now = _now()
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    if idempotency and idem_key:
+                        pipe.watch(idem_key)
+                        claimed = pipe.get(idem_key)
+                        replayed = self._replay(json.loads(claimed), idempotency) if claimed else None
+                        if replayed is not None:
+                            return Submission(replayed, created=False)
+                    admit()
+                    pipe.multi()
+                    if idempotency and idem_key:
+                        claim = {"fingerprint": idempotency.fingerprint, "job_id": job_id}
+                        pipe.set(idem_key, json.dumps(claim), ex=idempotency_ttl_seconds)
+                    pipe.hset(
+                        self._job_key(job_id),
+                        mapping={
+                            "id": job_id,
+                            "type": job_type.value,
+                            "status": JobStatus.queued.value,
+                            "progress": "0",
+                            "created_at": repr(now),
+                            "params": json.dumps(params),
+                            **({"owner": owner} if owner else {}),
+                        },
+                    )
+                    pipe.zadd(self._index, {job_id: now})
+                    enqueue(pipe)
+                    pipe.lpos(queue_key, job_id)
+                    position = pipe.execute()[-1]
+                    break
+                except WatchError:
+                    continue
+        record = JobRecord(
+            id=job_id,
+            type=job_type,
+            status=JobStatus.queued,
+            progress=0,
+            created_at=datetime.fromtimestamp(now, UTC),
+            params=params,
+            owner=owner,
+        )
+        return Submission(record, created=True, queue_position=position)
+
+    def _replay(self, claim: dict[str, str], idempotency: Idempotency) -> JobRecord | None:
+        """The key's job; None once that job expired (the key then starts a new job)."""
+        record = self.find(claim["job_id"])
+        if record is not None and claim["fingerprint"] != idempotency.fingerprint:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was used with a different request; use a new key for a new request"
+            )
+        return record
+
+    def find(self, job_id: str) -> JobRecord | None:
+        return self._parse(cast(dict[bytes, bytes], self.redis.hgetall(self._job_key(job_id))))
+
+    def get_with_position(self, job_id: str, queue_key: str) -> tuple[JobRecord, int | None]:
+        """The record and, in the same round trip, its index in the list ``queue_key`` (None if absent)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._job_key(job_id))
+            pipe.lpos(queue_key, job_id)
+            raw, position = pipe.execute()
+        record = self._parse(raw)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record, position if record.status == JobStatus.queued else None
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.find(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record
+
+    @staticmethod
+    def _parse(raw: dict[bytes, bytes]) -> JobRecord | None:
+        if not raw or b"status" not in raw:
+            return None
+        fields = {key.decode(): value.decode() for key, value in raw.items()}
+        return JobRecord(
+            id=fields["id"],
+            type=JobType(fields["type"]),
+            status=JobStatus(fields["status"]),
+            progress=int(fields.get("progress", "0")),
+            created_at=datetime.fromtimestamp(float(fields["created_at"]), UTC),
+            started_at=_timestamp(fields.get("started_at")),
+            finished_at=_timestamp(fields.get("finished_at")),
+            expires_at=_timestamp(fields.get("expires_at")),
+            params=json.loads(fields.get("params", "{}")),
+            error=ErrorInfo.model_validate_json(fields["error"]) if "error" in fields else None,
+            result=JobResult.model_validate_json(fields["result"]) if "result" in fields else None,
+            worker=fields.get("worker"),
+            cancel_requested=fields.get("cancel_requested") == "1",
+            owner=fields.get("owner"),
+        )
+
+    def page(
+        self,
+        *,
+        status: JobStatus | None,
+        job_type: JobType | Collection[JobType] | None,
+        before: float | None,
+        limit: int,
+        after: float | None = None,
+        oldest_first: bool = False,
+        owner: str | None = None,
+        batch: int = 200,
+    ) -> tuple[list[JobRecord], float | None]:
+        """Jobs created strictly between ``after`` and ``before`` (creation times; None: unbounded),
+        newest first unless ``oldest_first``; ``job_type`` is one type or a collection of types; only
+        ``owner``'s jobs unless it is None.
+
+        Returns the records and the creation time of the last one, to pass as ``before`` (newest first)
+        or ``after`` (oldest first) for the next page; None on the last page. Keyed by time rather than
+        position, so jobs expiring meanwhile shift nothing."""
+        types = {job_type} if isinstance(job_type, JobType) else None if job_type is None else set(job_type)
+        found: list[JobRecord] = []
+        upper = "+inf" if before is None else f"({before!r}"
+        lower = "-inf" if after is None else f"({after!r}"
+        while True:
+            if oldest_first:
+                entries = cast(
+                    list[tuple[bytes, float]],
+                    self.redis.zrangebyscore(self._index, lower, upper, start=0, num=batch, withscores=True),
+                )
+            else:
+                entries = cast(
+                    list[tuple[bytes, float]],
+                    self.redis.zrevrangebyscore(
+                        self._index, upper, lower, start=0, num=batch, withscores=True
+                    ),
+                )
+            if not entries:
+                return found, None
+            records = self._records([member.decode() for member, _ in entries])
+            for (_, score), record in zip(entries, records, strict=True):
+                if (
+                    record is not None
+                    and (status is None or record.status == status)
+                    and (types is None or record.type in types)
+                    and (owner is None or record.owner == owner)
+                ):
+                    found.append(record)
+                    if len(found) == limit:
+                        return found, score
+            if oldest_first:
+                lower = f"({entries[-1][1]!r}"
+            else:
+                upper = f"({entries[-1][1]!r}"
+
+    def created_score(self, job_id: str) -> float | None:
+        """The job's creation time as the listing index holds it (a page cursor); None if not indexed."""
+        score = self.redis.zscore(self._index, job_id)
+        return None if score is None else float(score)
+
+    def _records(self, ids: list[str]) -> list[JobRecord | None]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self._job_key(job_id))
+            raws = pipe.execute()
+        expired = [job_id for job_id, raw in zip(ids, raws, strict=True) if not raw]
+        if expired:
+            self.redis.zrem(self._index, *expired)
+        return [self._parse(raw) for raw in raws]
+
+    # --- transitions -----------------------------------------------------------------------------------
+
+    def start(self, job_id: str, worker: str) -> bool:
+        """queued -> running with a first heartbeat. False if the job is no longer queued (canceled)."""
+        keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
+        return bool(self._start(keys=keys, args=[repr(_now()), worker, self.heartbeat_ttl_ms, job_id]))
+
+    def heartbeat(self, job_id: str, worker: str) -> None:
+        self.redis.set(self._heartbeat_key(job_id), worker, px=self.heartbeat_ttl_ms)
+
+    def progress(self, job_id: str, percent: int) -> None:
+        self._progress(keys=[self._job_key(job_id)], args=[percent])
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """The job was asked to stop: canceled while running, or its record deleted (``delete``)."""
+        flag, status = cast(
+            list[bytes | None], self.redis.hmget(self._job_key(job_id), "cancel_requested", "status")
+        )
+        return flag == b"1" or status is None
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        result: JobResult | None = None,
+        error: ErrorInfo | None = None,
+        from_queued: bool = False,
+    ) -> bool:
+        """running (or, with ``from_queued``, also queued) -> a terminal status.
+
+        False if the job was in another status (already finished, e.g. reaped)."""
+        now = _now()
+        keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
+        args: list[str | int] = [
+            status.value,
+            repr(now),
+            repr(now + self.result_ttl_seconds),
+            self.result_ttl_seconds,
+            result.model_dump_json() if result else "",
+            error.model_dump_json() if error else "",
+            job_id,
+            "1" if from_queued else "",
+        ]
+        return self._finish(keys=keys, args=args) == b"ok"
+
+    def cancel(self, job_id: str) -> tuple[JobStatus, JobRecord]:
+        """Cancel a queued job or flag a running one.
+
+        Returns the status the job had before and its record read in the same script, right after: a
+        running job's record still says ``running`` (its worker stops at its next step), even when that
+        worker finishes before the caller reads the answer."""
+        now = _now()
+        error = ErrorInfo(code="canceled", message="canceled on request").model_dump_json()
+        args: list[str | int] = [
+            repr(now),
+            repr(now + self.result_ttl_seconds),
+            self.result_ttl_seconds,
+            error,
+        ]
+        before, *fields = cast(list[bytes], self._cancel(keys=[self._job_key(job_id)], args=args))
+        record = self._parse(dict(zip(fields[::2], fields[1::2], strict=True)))
+        if record is None:  # the script found no record and returned only an empty status
+            raise JobNotFound(job_id)
+        return JobStatus(before.decode()), record
+
+    def delete(self, job_id: str) -> bool:
+        """Remove the record and its index entry; False if there was none. A worker still running the
+        job reads the missing record as a cancel request (``cancel_requested``) and stops."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._job_key(job_id))
+            pipe.zrem(self._index, job_id)
+            removed, _ = pipe.execute()
+        return bool(removed)
+
+    def lost_jobs(self) -> list[str]:
+        """Running jobs whose heartbeat expired."""
+        running = [job_id.decode() for job_id in cast(set[bytes], self.redis.smembers(self._running))]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.exists(self._heartbeat_key(job_id))
+            alive = pipe.execute()
+        return [job_id for job_id, beating in zip(running, alive, strict=True) if not beating]
+
+    def running_count(self) -> int:
+        return int(self.redis.scard(self._running))
+
+    # --- workers -----------------------------------------------------------------------------------------
+
+    def publish_model(self, model: ServedModel) -> None:
+        """Record what the workers serve (each worker at start; all workers of a queue serve one model)."""
+        self.redis.set(self._model, model.model_dump_json())
+
+    def served_model(self) -> ServedModel | None:
+        raw = self.redis.get(self._model)
+        return None if raw is None else ServedModel.model_validate_json(raw)
+
+    def worker_alive(self, name: str) -> None:
+        self.redis.zadd(self._workers, {name: _now()})
+
+    def worker_gone(self, name: str) -> None:
+        self.redis.zrem(self._workers, name)
+
+    def live_workers(self, ttl_seconds: float) -> int:
+        cutoff = _now() - ttl_seconds
+        self.redis.zremrangebyscore(self._workers, "-inf", f"({cutoff}")
+        return int(self.redis.zcard(self._workers))

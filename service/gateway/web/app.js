@@ -1,0 +1,321 @@
+// Uni-ViGU web page: forms built from /openapi.json, fetch() to the API, polling for progress.
+// Every URL is relative so the page also works behind a path prefix.
+"use strict";
+
+const POLL_MS = 500; // job panel refresh while the job runs
+const LIST_MS = 2000; // recent jobs refresh
+let keyHeader = "X-API-Key"; // the gateway's default; an apiKey security scheme in /openapi.json wins
+const $ = (selector, root = document) => root.querySelector(selector);
+
+let shown = null; // id of the job in the job panel
+let pollTimer = null;
+
+// --- the API -------------------------------------------------------------------------------------
+
+class HttpError extends Error {
+  constructor(status, { code, message, param }) {
+    super(message);
+    Object.assign(this, { status, code, param });
+  }
+}
+
+function authHeaders(extra = {}) {
+  const key = localStorage.getItem("apiKey");
+  return key ? { ...extra, [keyHeader]: key } : extra;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: authHeaders(options.headers) });
+  const json = (response.headers.get("content-type") || "").includes("json");
+  const body = json ? await response.json() : null;
+  if (!response.ok) {
+    throw new HttpError(response.status, body?.error ?? { code: "http_error", message: response.statusText });
+  }
+  return body;
+}
+
+// A result URL usable by <video> and <a download>: direct, or a blob when an API key must be sent.
+async function mediaUrl(url) {
+  const path = url.replace(/^\//, "");
+  if (!localStorage.getItem("apiKey")) return path;
+  const response = await fetch(path, { headers: authHeaders() });
+  if (!response.ok) throw new HttpError(response.status, { code: "http_error", message: response.statusText });
+  return URL.createObjectURL(await response.blob());
+}
+
+// --- forms from the OpenAPI schema ----------------------------------------------------------------
+
+function element(tag, attributes = {}, text = "") {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  node.textContent = text;
+  return node;
+}
+
+function field(formKind, name, property, required, defaults) {
+  const type = property.anyOf ? property.anyOf.find((t) => t.type !== "null") : property;
+  const id = `${formKind}-${name}`;
+  const box = element("div", { class: name === "prompt" ? "field wide" : "field" });
+  const input = element(name === "prompt" ? "textarea" : "input", { id, name });
+  const hints = [];
+  if (type.type === "integer" || type.type === "number") {
+    input.type = "number";
+    if (type.minimum !== undefined) input.min = type.minimum;
+    if (type.maximum !== undefined) input.max = type.maximum;
+    const fourKPlusOne = (property.description || "").includes("4k+1");
+    input.step = type.multipleOf ?? (fourKPlusOne ? 4 : type.type === "integer" ? 1 : "any");
+    if (type.minimum !== undefined && type.maximum !== undefined) hints.push(`${type.minimum}–${type.maximum}`);
+  }
+  if (type.maxLength && name !== "prompt") hints.push(`up to ${type.maxLength} characters`);
+  if (property.description) hints.push(property.description.replace(/\.$/, ""));
+  if (required) input.required = true;
+  else if (input.type !== "number") input.placeholder = "optional";
+  else input.placeholder = name in defaults ? `default ${defaults[name]}` : "model default";
+  box.append(element("label", { for: id }, property.title || name), input);
+  if (hints.length) box.append(element("small", { class: "hint" }, hints.join(" · ")));
+  box.append(element("small", { class: "error", hidden: "" }));
+  return box;
+}
+
+// The served model's defaults (GET /model), shown as placeholders; none until a worker has started.
+async function modelDefaults() {
+  try {
+    const { defaults } = await api("model");
+    return { ...defaults, max_tokens: defaults.caption_tokens };
+  } catch {
+    return {};
+  }
+}
+
+async function buildForms() {
+  const [spec, defaults] = await Promise.all([api("openapi.json"), modelDefaults()]);
+  const scheme = Object.values(spec.components?.securitySchemes ?? {}).find((s) => s.type === "apiKey");
+  if (scheme?.in === "header") keyHeader = scheme.name;
+  const caption = spec.paths["/caption"].post.requestBody.content["multipart/form-data"].schema;
+  for (const form of document.forms) {
+    const schema = form.dataset.schema ? spec.components.schemas[form.dataset.schema] : caption;
+    const names = Object.keys(schema.properties).filter((name) => name !== "file");
+    names.sort((a, b) => (b === "prompt") - (a === "prompt")); // the prompt first
+    const box = $(".fields", form);
+    for (const name of names) {
+      const required = (schema.required || []).includes(name);
+      box.append(field(form.dataset.kind, name, schema.properties[name], required, defaults));
+    }
+  }
+}
+
+function formValues(form) {
+  const values = {};
+  for (const input of form.querySelectorAll(".fields [name]")) {
+    if (input.value === "") continue; // omitted: the model's default
+    values[input.name] = input.type === "number" ? Number(input.value) : input.value;
+  }
+  return values;
+}
+
+function clearErrors(form) {
+  for (const node of form.querySelectorAll(".error")) node.hidden = true;
+  for (const node of form.querySelectorAll(".invalid")) node.classList.remove("invalid");
+}
+
+// The envelope's message goes next to the field named by `param`, else under the form.
+function showError(form, error) {
+  const input = error.param ? form.elements.namedItem(error.param) : null;
+  const box = input?.closest(".field");
+  const target = box ? $(".error", box) : $(".form-error", form);
+  target.textContent = error.code ? `${error.message} (${error.code})` : String(error);
+  target.hidden = false;
+  if (box) {
+    box.classList.add("invalid");
+    input.focus();
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const form = event.target;
+  const button = $("button[type=submit]", form);
+  clearErrors(form);
+  button.disabled = true;
+  try {
+    let request;
+    if (form.dataset.kind === "caption") {
+      const data = new FormData();
+      const file = form.elements.file.files[0];
+      if (file) data.append("file", file);
+      for (const [name, value] of Object.entries(formValues(form))) data.append(name, value);
+      request = { method: "POST", body: data };
+    } else {
+      const headers = { "Content-Type": "application/json" };
+      request = { method: "POST", headers, body: JSON.stringify(formValues(form)) };
+    }
+    const job = await api(form.dataset.kind, request);
+    showJob(job.id);
+    refreshList();
+  } catch (error) {
+    showError(form, error);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// --- the job panel --------------------------------------------------------------------------------
+
+function showJob(id) {
+  shown = id;
+  history.replaceState(null, "", `#${id}`); // a reload shows the same job
+  const panel = $("#job");
+  panel.hidden = false;
+  const video = $("video", panel);
+  video.hidden = true;
+  video.removeAttribute("src");
+  for (const selector of [".caption", ".download", ".job-error"]) $(selector, panel).hidden = true;
+  delete panel.dataset.loaded;
+  clearTimeout(pollTimer);
+  poll(id);
+  highlight();
+}
+
+async function poll(id) {
+  try {
+    const job = await api(`jobs/${id}`);
+    if (id !== shown) return;
+    await render(job);
+    if (!["succeeded", "failed", "canceled"].includes(job.status)) pollTimer = setTimeout(poll, POLL_MS, id);
+  } catch (error) {
+    if (id !== shown) return;
+    const line = $("#job .job-error");
+    line.textContent = `${error.message}${error.code ? ` (${error.code})` : ""}`;
+    line.hidden = false;
+    if (!(error instanceof HttpError)) pollTimer = setTimeout(poll, POLL_MS * 4, id); // network: retry
+  }
+}
+
+async function render(job) {
+  const panel = $("#job");
+  const terminal = ["succeeded", "failed", "canceled"].includes(job.status);
+  $(".type", panel).textContent = job.type;
+  $(".id", panel).textContent = job.id;
+  const status = $(".status", panel);
+  status.textContent = job.status;
+  status.className = `status status-${job.status}`;
+  const ahead = job.queue_position;
+  $(".queue", panel).textContent =
+    job.status === "queued" && ahead !== null ? (ahead === 0 ? "next in the queue" : `${ahead} ahead in the queue`) : "";
+  $("progress", panel).value = job.progress;
+  $(".percent", panel).textContent = `${job.progress}%`;
+  $(".cancel", panel).hidden = terminal;
+  if (job.error) {
+    $(".job-error", panel).textContent = `${job.error.message} (${job.error.code})`;
+    $(".job-error", panel).hidden = false;
+  }
+  if (job.status !== "succeeded" || panel.dataset.loaded === job.id) return;
+  panel.dataset.loaded = job.id;
+  const { video_url: videoUrl, result_url: resultUrl, caption } = job.result;
+  const video = $("video", panel);
+  const link = $(".download", panel);
+  if (videoUrl) {
+    video.src = await mediaUrl(videoUrl);
+    video.hidden = false;
+  }
+  if (caption !== null && caption !== undefined) {
+    $(".caption", panel).textContent = caption;
+    $(".caption", panel).hidden = false;
+  }
+  link.href = videoUrl ? video.src : await mediaUrl(resultUrl);
+  link.download = `${job.id}.${videoUrl ? "mp4" : "json"}`;
+  link.textContent = videoUrl ? "Download the video (MP4)" : "Download the result (JSON)";
+  link.hidden = false;
+}
+
+async function cancelShown() {
+  try {
+    await render(await api(`jobs/${shown}/cancel`, { method: "POST" }));
+  } catch (error) {
+    $("#job .job-error").textContent = `${error.message} (${error.code})`;
+    $("#job .job-error").hidden = false;
+  }
+  refreshList();
+}
+
+// --- recent jobs ------------------------------------------------------------------------------------
+
+async function refreshList() {
+  let page;
+  try {
+    page = await api("jobs?limit=20");
+  } catch (error) {
+    $("#jobs").replaceChildren(element("li", { class: "error" }, `${error.message} (${error.code})`));
+    return;
+  }
+  const items = page.jobs.map((job) => {
+    const button = element("button", { type: "button", "data-id": job.id });
+    const what = job.params.prompt || (job.type === "caption" ? "uploaded video" : "");
+    button.append(element("span", { class: `status-${job.status}` }, `${job.type} · ${job.status}`));
+    if (!["succeeded", "failed", "canceled"].includes(job.status)) button.append(` ${job.progress}%`);
+    button.append(element("div", { class: "meta" }, `${new Date(job.created_at).toLocaleString()} · ${what.slice(0, 60)}`));
+    const item = element("li");
+    item.append(button);
+    return item;
+  });
+  if (!items.length) items.push(element("li", { class: "meta" }, "No jobs yet."));
+  $("#jobs").replaceChildren(...items);
+  highlight();
+}
+
+function highlight() {
+  for (const button of document.querySelectorAll("#jobs button")) {
+    button.classList.toggle("current", button.dataset.id === shown);
+  }
+}
+
+// --- wiring -----------------------------------------------------------------------------------------
+
+function selectTab(kind) {
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.tab === kind));
+  }
+  for (const form of document.forms) form.hidden = form.dataset.kind !== kind;
+}
+
+function wireDrop() {
+  const zone = $("#drop");
+  const input = $("#caption-file");
+  const showName = () => ($(".file-name", zone).textContent = input.files[0]?.name ?? "");
+  input.addEventListener("change", showName);
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    input.files = event.dataTransfer.files;
+    showName();
+  });
+}
+
+async function main() {
+  const key = $("#api-key");
+  key.value = localStorage.getItem("apiKey") || "";
+  key.addEventListener("change", () => {
+    localStorage.setItem("apiKey", key.value.trim());
+    refreshList();
+  });
+  for (const tab of document.querySelectorAll("[role=tab]")) tab.addEventListener("click", () => selectTab(tab.dataset.tab));
+  for (const form of document.forms) form.addEventListener("submit", submit);
+  $("#job .cancel").addEventListener("click", cancelShown);
+  $("#jobs").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-id]");
+    if (button) showJob(button.dataset.id);
+  });
+  wireDrop();
+  await buildForms();
+  document.body.dataset.ready = "true"; // the forms are built (tests wait for this)
+  if (location.hash.length > 1) showJob(location.hash.slice(1));
+  refreshList();
+  setInterval(refreshList, LIST_MS);
+}
+
+main();
