@@ -5,9 +5,9 @@ at once: each transition is atomic in the job store.
 
 After Redis was unreachable, no job is reaped until one heartbeat TTL after Redis answers again:
 heartbeats expired during the outage (or were never written), and the workers need that long to
-refresh them. (Counting the TTL from the last failed attempt instead left less than a TTL once Redis
-was back, and a CI run saw a live worker's job reaped.) Without this grace, a
-Redis restart would fail every running job as ``worker_lost`` although its worker is alive.
+refresh them. The grace counts from Redis's first answer, not from the last failed attempt, which may
+be long before Redis is back. Without it, a Redis restart would fail every running job as
+``worker_lost`` although its worker is alive.
 """
 
 from __future__ import annotations
