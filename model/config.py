@@ -167,6 +167,9 @@ class SamplingDefaults:
     max_caption_tokens: int = 256
     max_prompt_tokens: int = 256
     context_tokens: int = 512
+    video_reuse: int = 1
+    """Captioning's refresh interval: a full pass over the video every this many steps, text-only passes
+    between (:mod:`model.video_reuse`); 1 is the exact sampler."""
 
 
 @dataclass(frozen=True)
