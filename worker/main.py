@@ -2,7 +2,7 @@
 
 CUDA state does not survive rq's default fork-per-job, so jobs run in-process. Start one worker per GPU;
 any number of workers on any number of machines may share one Redis. A heartbeat thread marks this
-worker alive (for /readyz) and keeps the running job's heartbeat fresh; if the process dies, the
+worker alive (for /readyz) and keeps the running jobs' heartbeats fresh (several for a caption batch); if the process dies, the
 gateway's reaper fails that job as ``worker_lost`` (see ``Settings.worker_lost_bound_seconds``). A Redis
 outage does not end the process: when rq's loop gives up on Redis, a fresh loop starts in it.
 """
@@ -59,8 +59,7 @@ class Heartbeat:
     def beat(self) -> None:
         name = self.runner.worker_name
         self.store.worker_alive(name)
-        job_id = self.runner.current_job
-        if job_id is not None:
+        for job_id in self.runner.current_jobs:
             self.store.heartbeat(job_id, name)
         if self.device.type == "cuda":
             self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.device))
@@ -160,7 +159,8 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
 
     files = ResultFiles(settings.results_dir)
     files.ensure_dirs()
-    store = job_store(settings, connect_redis(settings))
+    redis = connect_redis(settings)
+    store = job_store(settings, redis)
     store.publish_model(describe_model(pipeline))
     runner = JobRunner(
         pipeline,
@@ -169,6 +169,8 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
         metrics=metrics,
         worker_name=name,
         finish_retry_seconds=settings.finish_retry_seconds,
+        queue=job_queue(settings, redis),
+        caption_batch_size=settings.caption_batch_size,
     )
     tasks.install(runner)
     heartbeat = Heartbeat(

@@ -6,6 +6,8 @@ with only the job id; the worker reads the parameters from the job record.
 
 from __future__ import annotations
 
+from typing import cast
+
 from redis import Redis
 from redis.client import Pipeline
 from rq import Callback, Queue
@@ -60,6 +62,16 @@ class JobQueue:
             on_failure=Callback(FAILURE_CALLBACK),
             pipeline=pipeline,
         )
+
+    def peek(self, count: int) -> list[str]:
+        """The ids of the first ``count`` queued jobs, next first."""
+        ids = cast(list[bytes], self.rq.connection.lrange(self.key, 0, count - 1))
+        return [job_id.decode() for job_id in ids]
+
+    @staticmethod
+    def entry_key(job_id: str) -> str:
+        """rq's own record of a queued job, which a worker that claims the job deletes."""
+        return RqJob.key_for(job_id)
 
     def position(self, job_id: str) -> int | None:
         return self.rq.get_job_position(job_id)

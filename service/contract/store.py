@@ -10,7 +10,8 @@ Keys (``{p}`` is ``settings.key_prefix``):
 - ``{p}:workers``: a sorted set of worker names by their last heartbeat (for ``/readyz``).
 - ``{p}:model``: the served model's name, limits and defaults, as the last worker to start published them.
 
-Every status transition is one Lua script, so a cancel, a start, a finish and the reaper never race:
+Every status transition is one Lua script, so a cancel, a start (or a batch claim), a finish and the
+reaper never race:
 ``queued -> running -> succeeded | failed | canceled`` and ``queued -> canceled``; terminal is final.
 Progress only ever grows.
 """
@@ -45,6 +46,25 @@ if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'progress') or '0') 
   redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 end
 return 1
+"""
+
+# Batch partners: each job still queued and still in the queue list leaves the list and starts, as in
+# _START; one taken by another worker (no longer listed) or canceled (no longer queued) is skipped.
+# KEYS: queue list, running set, then per job its record, heartbeat and queue entry (deleted).
+# ARGV: started_at, worker, heartbeat ttl ms, then the job ids. Returns the ids started.
+_CLAIM = """
+local started = {}
+for i = 4, #ARGV do
+  local record, heartbeat, entry = KEYS[3 * i - 9], KEYS[3 * i - 8], KEYS[3 * i - 7]
+  if redis.call('HGET', record, 'status') == 'queued' and redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
+    redis.call('HSET', record, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+    redis.call('SET', heartbeat, ARGV[2], 'PX', ARGV[3])
+    redis.call('SADD', KEYS[2], ARGV[i])
+    redis.call('DEL', entry)
+    table.insert(started, ARGV[i])
+  end
+end
+return started
 """
 
 # ARGV: status, finished_at, expires_at, ttl, result json, error json, job id, '1' to accept queued too
@@ -120,6 +140,7 @@ class JobStore:
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_CANCEL)
+        self._claim = redis.register_script(_CLAIM)
 
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -305,6 +326,10 @@ class JobStore:
         score = self.redis.zscore(self._index, job_id)
         return None if score is None else float(score)
 
+    def find_many(self, ids: list[str]) -> list[JobRecord | None]:
+        """The records of ``ids`` in one round trip, None for each that expired or never existed."""
+        return self._records(ids)
+
     def _records(self, ids: list[str]) -> list[JobRecord | None]:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
@@ -321,6 +346,19 @@ class JobStore:
         """queued -> running with a first heartbeat. False if the job is no longer queued (canceled)."""
         keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
         return bool(self._start(keys=keys, args=[repr(_now()), worker, self.heartbeat_ttl_ms, job_id]))
+
+    def claim(
+        self, job_ids: list[str], worker: str, *, queue_key: str, queue_entries: list[str]
+    ) -> list[str]:
+        """Start the queued jobs ``job_ids`` on ``worker`` and take them out of the list ``queue_key``, in one
+        script: atomic against cancels, other workers' dequeues and other claims. ``queue_entries[i]`` is
+        the queue's own key for job ``i`` (rq's job hash), deleted with it. Returns the ids started, in
+        the given order; the others were taken or canceled meanwhile."""
+        keys = [queue_key, self._running]
+        for job_id, entry in zip(job_ids, queue_entries, strict=True):
+            keys += [self._job_key(job_id), self._heartbeat_key(job_id), entry]
+        args: list[str | int] = [repr(_now()), worker, self.heartbeat_ttl_ms, *job_ids]
+        return [job_id.decode() for job_id in cast(list[bytes], self._claim(keys=keys, args=args))]
 
     def heartbeat(self, job_id: str, worker: str) -> None:
         self.redis.set(self._heartbeat_key(job_id), worker, px=self.heartbeat_ttl_ms)

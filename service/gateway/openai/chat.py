@@ -123,7 +123,13 @@ def _decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
 def _caption_params(services: Services, body: ChatCompletionRequest, prompt: str | None) -> dict[str, Any]:
     """The native caption job's options, validated by the native route's request model."""
     tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    fields = {"prompt": prompt, "steps": body.steps, "max_tokens": tokens, "seed": body.seed}
+    fields = {
+        "prompt": prompt,
+        "steps": body.steps,
+        "max_tokens": tokens,
+        "seed": body.seed,
+        "video_reuse": body.video_reuse,
+    }
     try:
         params = services.models.caption.model_validate(fields)
     except ValidationError as exc:

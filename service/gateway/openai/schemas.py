@@ -132,6 +132,11 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, description="Same as max_tokens.")
     seed: int | None = None
     steps: int | None = Field(default=None, description="Ours: denoising steps.")
+    video_reuse: int | None = Field(
+        default=None,
+        description="Ours: a full pass over the video every this many steps, text-only passes between "
+        "(1: exact); omitted: the served model's default.",
+    )
 
 
 class ChatMessageOut(BaseModel):
