@@ -289,6 +289,8 @@ def test_command_line_generate_and_caption(tmp_path: Path) -> None:
         "tiny",
         "--steps",
         "2",
+        "--video-reuse",
+        "2",
         "--out",
         str(tmp_path / "c.json"),
         cwd=REPO,

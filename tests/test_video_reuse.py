@@ -149,7 +149,7 @@ def test_the_option_counts_full_and_text_only_passes(pipe) -> None:
     assert (result.full_passes, result.text_only_passes) == (3, 2)
     one_pass = pipe.caption(frames(0), steps=5, seed=1, video_reuse=1000)
     assert (one_pass.full_passes, one_pass.text_only_passes) == (1, 4)
-    assert pipe.caption(frames(0), steps=5, seed=1).full_passes == 5  # the tiny preset's default is exact
+    assert pipe.caption(frames(0), steps=5, seed=1).full_passes == 1  # the default: one per caption
 
 
 @pytest.mark.parametrize("interval", [0, -1, 1001])
