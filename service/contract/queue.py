@@ -2,6 +2,11 @@
 
 The gateway never imports the worker (and so never torch): it enqueues ``worker.tasks.run_job`` by name
 with only the job id; the worker reads the parameters from the job record.
+
+Order: rq takes jobs from the head of the list, oldest first. A worker that starts a caption job also
+claims batch partners among the first queued jobs (``worker.runner``, :meth:`JobStore.claim`), so a
+caption job may leave the queue before older jobs of other kinds or settings, together with the older
+caption job it joins; no other job is overtaken.
 """
 
 from __future__ import annotations
