@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from service.cli.data_folder import DataFolder, DataFolderInUse
+from service.cli.data_folder import DataFolder, DataFolderError
 from service.cli.ports import PortUnavailable, check_port
 from service.cli.supervisor import CrashLoop, ProcessChild, RestartPolicy, Supervisor
 
@@ -56,7 +56,7 @@ def test_a_child_that_keeps_exiting_ends_up_with_its_cause() -> None:
     python = Python("import sys; print('starting'); print('RuntimeError: the cause'); sys.exit(3)")
     crash = supervise_until_crash_loop(Supervisor([python.child], QUICK))
     assert python.starts == [1, 2, 3]  # two restarts, then the third exit ends it
-    assert "stand-in exited 3 times in a row without running 60 s" in str(crash)
+    assert "stand-in exited 3 times in a row without staying ready for 60 s" in str(crash)
     assert "exited with code 3: RuntimeError: the cause" in str(crash)
 
 
@@ -92,7 +92,7 @@ def folder(tmp_path: Path) -> Iterator[DataFolder]:
 
 
 def test_a_second_up_on_the_same_data_folder_is_refused(folder: DataFolder, tmp_path: Path) -> None:
-    with pytest.raises(DataFolderInUse, match=r"in use by another `univigu up` \(pid \d+\).*--data-dir"):
+    with pytest.raises(DataFolderError, match=r"in use by another `univigu up` \(pid \d+\).*--data-dir"):
         DataFolder(tmp_path / "data").lock()
     other = DataFolder(tmp_path / "other")
     other.lock()  # another folder is another lock

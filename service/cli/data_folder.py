@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
@@ -25,8 +27,8 @@ import platformdirs
 LOCK_FILE = "up.lock"
 
 
-class DataFolderInUse(RuntimeError):
-    pass
+class DataFolderError(RuntimeError):
+    """The data folder cannot be used: in use by another `univigu up`, or not writable."""
 
 
 def default_data_dir() -> Path:
@@ -47,16 +49,30 @@ class DataFolder:
             raise RuntimeError("the data folder is not locked")
         return self._lock_fd
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
+
     def lock(self) -> None:
-        """Take the folder for this process; DataFolderInUse if another `univigu up` holds it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the folder for this process; DataFolderError if another `univigu up` holds it."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DataFolderError(
+                f"cannot use the data folder {self.root} ({exc.strerror}): choose another with "
+                "`univigu up --data-dir DIR` (UNIVIGU_DATA_DIR)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise DataFolderInUse(
+            raise DataFolderError(
                 f"the data folder {self.root} is in use by another `univigu up` (pid {holder}) or by "
                 "processes it left running; stop it, or give this one its own folder with "
                 "`univigu up --data-dir DIR` (UNIVIGU_DATA_DIR)"

@@ -11,6 +11,7 @@ series, and the exit that would need restart ``max_restarts + 1`` ends `up`. A c
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import signal
 import subprocess
@@ -89,9 +90,11 @@ class _Tail:
     def _copy(self, stream: IO[bytes]) -> None:
         with stream:
             for line in stream:
-                sys.stderr.buffer.write(line)
-                sys.stderr.flush()
                 self.lines.append(line.decode(errors="replace").rstrip())
+                # Keep draining when our own output is gone (a closed pipe): a full pipe would block the child.
+                with contextlib.suppress(OSError):
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.flush()
 
     def last_line(self) -> str:
         # The output ends shortly after the process; a grandchild (ffmpeg) holding the pipe may keep it open.
@@ -181,6 +184,7 @@ class RedisChild:
         try:
             self.server.start()  # returns once it answers PING
         except RuntimeError as exc:
+            self.server.kill()  # if it runs without answering, the next start must not meet it on the port
             raise StartFailed(str(exc)) from exc
 
     def returncode(self) -> int | None:
@@ -270,7 +274,7 @@ class Supervisor:
         watch.exited_at = now
         if watch.restarts > self.policy.max_restarts:
             raise CrashLoop(
-                f"the {name} exited {watch.restarts} times in a row without running "
+                f"the {name} exited {watch.restarts} times in a row without staying ready for "
                 f"{self.policy.healthy_seconds:.0f} s; last: {cause}"
             )
         delay = self.policy.delay(watch.restarts)

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from urllib.error import URLError
 
-from service.cli.data_folder import DataFolder, DataFolderInUse, default_data_dir
+from service.cli.data_folder import DataFolder, DataFolderError, default_data_dir
 from service.cli.ports import PortUnavailable, check_port
 from service.cli.redis_server import RedisServer, RedisServerNotFound, free_port
 from service.cli.supervisor import Child, CrashLoop, ProcessChild, RedisChild, Supervisor
@@ -121,28 +121,22 @@ def run_up(settings: Settings, *, model: list[str], device: str) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     folder = DataFolder(settings.data_dir or default_data_dir())
     try:
-        folder.lock()
-    except DataFolderInUse as exc:
+        with folder.locked():
+            check_port(
+                settings.host, settings.port, what="the gateway", setting="UNIVIGU_PORT", flag="--port"
+            )
+            metrics_port = _worker_metrics_port(settings)
+            redis = (
+                None
+                if "redis_url" in settings.model_fields_set
+                else RedisServer(folder.redis_dir, inherit_fds=(folder.lock_fd,))
+            )
+            return _supervise(
+                settings, folder, redis, model=model, device=device, metrics_port=metrics_port, stop=stop
+            )
+    except (DataFolderError, PortUnavailable, RedisServerNotFound) as exc:
         log.error("%s", exc)
         return EXIT_CONFIGURATION
-    try:
-        check_port(settings.host, settings.port, what="the gateway", setting="UNIVIGU_PORT", flag="--port")
-        metrics_port = _worker_metrics_port(settings)
-        redis = (
-            None
-            if "redis_url" in settings.model_fields_set
-            else RedisServer(folder.redis_dir, inherit_fds=(folder.lock_fd,))
-        )
-    except (PortUnavailable, RedisServerNotFound) as exc:
-        log.error("%s", exc)
-        folder.unlock()
-        return EXIT_CONFIGURATION
-    try:
-        return _supervise(
-            settings, folder, redis, model=model, device=device, metrics_port=metrics_port, stop=stop
-        )
-    finally:
-        folder.unlock()
 
 
 def _supervise(
