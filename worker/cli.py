@@ -12,6 +12,9 @@ from service.contract.settings import load_settings
 
 log = logging.getLogger("univigu")
 
+EXIT_CONFIGURATION = 2
+"""The worker's exit status when its settings keep it from starting (restarting it cannot help)."""
+
 SETTING_FLAGS = (
     "device",
     "preset",
@@ -55,14 +58,13 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worker.loading import ModelSpec, ModelSpecError
-    from worker.main import serve
+    from worker.main import MetricsPortUnavailable, serve
 
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
     settings = load_settings(**overrides)
     try:
-        spec = ModelSpec.from_settings(settings)
-    except ModelSpecError as exc:
+        serve(settings, ModelSpec.from_settings(settings), name=args.name, burst=args.burst)
+    except (ModelSpecError, MetricsPortUnavailable) as exc:
         log.error("%s", exc)
-        return 2
-    serve(settings, spec, name=args.name, burst=args.burst)
+        return EXIT_CONFIGURATION
     return 0

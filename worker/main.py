@@ -125,6 +125,22 @@ def work_until_stopped(settings: Settings, *, name: str, burst: bool) -> None:
             return
 
 
+class MetricsPortUnavailable(RuntimeError):
+    """The worker's metrics port cannot be bound (taken, or not allowed); checked before the model loads."""
+
+
+def serve_metrics(metrics: WorkerMetrics, port: int) -> None:
+    try:
+        start_http_server(port, registry=metrics.registry)
+    except OSError as exc:
+        raise MetricsPortUnavailable(
+            f"the worker's metrics port {port} is unavailable ({exc.strerror}): set "
+            "UNIVIGU_WORKER_METRICS_PORT or `univigu worker --metrics-port` to a free port, or 0 to turn "
+            "the worker's metrics off"
+        ) from exc
+    log.info("worker metrics on :%d/metrics", port)
+
+
 def default_worker_name(device: str) -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{device.replace(':', '')}"
 
@@ -138,8 +154,7 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
-        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+        serve_metrics(metrics, settings.worker_metrics_port)
     log.info("loading %s", spec.describe())
     started = time.monotonic()
     pipeline = load_pipeline(spec)
