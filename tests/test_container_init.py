@@ -1,0 +1,81 @@
+"""The image's init (tini, from Debian's package) run here the way Docker runs a container's command: as
+PID 1 of its own PID namespace (``unshare --pid --fork``; needs root or user namespaces, and tini
+installed: skipped otherwise). The kernel spares PID 1 every signal it has no handler for, and a worker
+installs its SIGTERM handler only when its rq loop starts, after loading its model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import REPO, settings_env, wait_for
+from test_deploy import ENTRYPOINT
+
+from service.contract.settings import Settings
+
+INIT = ENTRYPOINT[: ENTRYPOINT.index("univigu")]  # the image's init and its arguments
+WORKER = [sys.executable, "-m", "service.cli", "worker", "--preset", "tiny"]
+
+
+def _namespaces_work() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode == 0
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path(INIT[0]).is_file(), reason=f"{INIT[0]} is not installed (apt-get install tini)"
+    ),
+    pytest.mark.skipif(not _namespaces_work(), reason="cannot create a PID namespace here"),
+]
+
+
+def as_pid_one(command: list[str], settings: Settings, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Run ``command`` as PID 1 of a new PID namespace; returns the ``unshare`` process and the host's
+    pid of the command, once the command has replaced unshare's child (exec)."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", *command],
+            cwd=REPO,
+            env=settings_env(settings),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    pid = int(wait_for(lambda: children.read_text().split(), timeout=30, what="the namespace's PID 1")[0])
+    program = Path(f"/proc/{pid}/cmdline")
+    wait_for(lambda: program.read_bytes().split(b"\0")[0] == command[0].encode(), timeout=30, what="the exec")
+    return process, pid
+
+
+def test_sigterm_while_a_worker_starts_is_ignored_without_init_and_honoured_under_tini(
+    settings_factory: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = settings_factory()
+    bare, bare_pid = as_pid_one(WORKER, settings, tmp_path / "bare.log")
+    try:
+        os.kill(bare_pid, signal.SIGTERM)  # what `docker stop` does: SIGTERM to the container's PID 1
+        wait_for(
+            lambda: "model loaded" in (tmp_path / "bare.log").read_text(),
+            timeout=180,
+            what="the worker, which ignored SIGTERM as PID 1, to load its model",
+        )
+        assert bare.poll() is None, "the worker without an init stopped on SIGTERM"
+    finally:
+        bare.kill()  # --kill-child takes the namespace's processes with it
+        bare.wait()
+
+    under_tini, tini_pid = as_pid_one([*INIT, *WORKER], settings, tmp_path / "tini.log")
+    os.kill(tini_pid, signal.SIGTERM)
+    status = under_tini.wait(timeout=60)
+    log = (tmp_path / "tini.log").read_text()
+    assert status == 128 + signal.SIGTERM, f"exit status {status}:\n{log}"
+    assert "model loaded" not in log, "the worker went on loading after SIGTERM"
