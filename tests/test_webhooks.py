@@ -21,7 +21,7 @@ from webhook_receiver import HANG, Receiver, webhook_receiver
 
 from model.media import write_mp4
 from service.cli.redis_server import RedisServer
-from service.contract.schemas import ErrorInfo, JobStatus, ServedModel
+from service.contract.schemas import ErrorInfo, JobStatus, ServedModel, WebhookDelivery
 from service.contract.settings import Settings
 from service.contract.store import JobStore
 from service.gateway.app import create_app
@@ -45,6 +45,23 @@ def verified(receiver: Receiver) -> list[dict[str, Any]]:
 
 def app_with(settings: Settings) -> TestClient:
     return TestClient(create_app(settings))
+
+
+def canceled_with_webhook(client: TestClient, url: str) -> str:
+    """A job with a webhook, canceled by the gateway while queued (no worker runs here); its id."""
+    job_id: str = client.post("/generate", json={"prompt": "a cat", "webhook": url}).json()["id"]
+    client.post(f"/jobs/{job_id}/cancel")
+    return job_id
+
+
+def webhook_when(client: TestClient, job_id: str, state: str) -> dict[str, Any]:
+    """The job's webhook state, once it is ``state``."""
+
+    def reached() -> dict[str, Any] | None:
+        webhook: dict[str, Any] = client.get(f"/jobs/{job_id}").json()["webhook"]
+        return webhook if webhook["state"] == state else None
+
+    return wait_for(reached, timeout=20, what=f"the webhook of job {job_id} to be {state}")  # type: ignore[no-any-return]
 
 
 # --- the secret and the address guard -----------------------------------------------------------------------
@@ -95,7 +112,7 @@ def test_public_addresses_are_allowed(host: str) -> None:
     assert resolve(httpx.URL(f"https://{host}/hook"), allow_private=False)
 
 
-# --- submit --------------------------------------------------------------------------------------------------
+# --- submit -------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -155,7 +172,7 @@ def test_a_name_that_does_not_resolve_is_refused(guarded: TestClient) -> None:
     assert "does not resolve" in assert_envelope(answer, 422, "invalid_parameter", "webhook")["message"]
 
 
-# --- the outbox ------------------------------------------------------------------------------------------------
+# --- the outbox ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -186,14 +203,7 @@ def test_each_terminal_transition_puts_a_webhook_job_in_the_outbox_once(store: J
     assert sorted(
         wait_for(lambda: store.claim_webhooks(10, 30), timeout=5, what="the lease to end")
     ) == sorted([finished, canceled, failed])
-    assert store.get(finished).webhook.model_dump() == {  # type: ignore[union-attr]
-        "url": url,
-        "state": "pending",
-        "attempts": 0,
-        "last_status": None,
-        "last_error": None,
-        "delivered_at": None,
-    }
+    assert store.get(finished).webhook == WebhookDelivery(url=url), "pending, no attempt yet"
 
 
 def test_attempts_are_recorded_on_the_job_and_end_the_delivery_when_done(store: JobStore) -> None:
@@ -218,7 +228,7 @@ def test_attempts_are_recorded_on_the_job_and_end_the_delivery_when_done(store: 
     assert store.webhook_backlog() == 0
 
 
-# --- delivery by the gateway -------------------------------------------------------------------------------------
+# --- delivery by the gateway --------------------------------------------------------------------------------
 
 
 def test_a_job_canceled_by_the_gateway_gets_one_verified_event(
@@ -228,22 +238,12 @@ def test_a_job_canceled_by_the_gateway_gets_one_verified_event(
         # By name: the connection goes to the address checked, the Host header stays the URL's.
         url = receiver.url.replace("127.0.0.1", "localhost")
         job = client.post("/generate", json={"prompt": "a cat", "seed": 3, "webhook": url}).json()
-        assert job["webhook"] == {
-            "url": url,
-            "state": "pending",
-            "attempts": 0,
-            "last_status": None,
-            "last_error": None,
-            "delivered_at": None,
-        }
+        assert job["webhook"] == WebhookDelivery(url=url).model_dump(mode="json")
         client.post(f"/jobs/{job['id']}/cancel")
-        shown = wait_for(
-            lambda: (j := client.get(f"/jobs/{job['id']}").json())["webhook"]["state"] == "delivered" and j,
-            timeout=10,
-            what="the delivery",
-        )
+        webhook = webhook_when(client, job["id"], "delivered")
+        shown = client.get(f"/jobs/{job['id']}").json()
         (event,) = verified(receiver)
-        assert (shown["webhook"]["attempts"], shown["webhook"]["last_status"]) == (1, 204)
+        assert (webhook["attempts"], webhook["last_status"]) == (1, 204)
         assert event["type"] == "job.canceled"
         assert event["data"] == {key: value for key, value in shown.items() if key != "webhook"}
         (delivery,) = receiver.received()
@@ -269,13 +269,7 @@ def test_failed_attempts_are_retried_and_time_out_and_redirects_are_not_followed
 ) -> None:
     settings = settings_factory(**{**FAST_WEBHOOKS, "webhook_timeout_seconds": 0.5})
     with webhook_receiver([500, HANG, 307]) as receiver, app_with(settings) as client:
-        job_id = client.post("/generate", json={"prompt": "a cat", "webhook": receiver.url}).json()["id"]
-        client.post(f"/jobs/{job_id}/cancel")
-        webhook = wait_for(
-            lambda: (w := client.get(f"/jobs/{job_id}").json()["webhook"])["state"] == "delivered" and w,
-            timeout=20,
-            what="the fourth attempt",
-        )
+        webhook = webhook_when(client, canceled_with_webhook(client, receiver.url), "delivered")
         metrics = client.get("/metrics").text
     assert [delivery.answered for delivery in receiver.received()] == [500, HANG, 307, 204]
     assert {delivery.path for delivery in receiver.received()} == {"/hooks/univigu"}, (
@@ -293,13 +287,7 @@ def test_a_receiver_that_never_accepts_is_given_up_after_the_retry_window(
 ) -> None:
     settings = settings_factory(**{**FAST_WEBHOOKS, "webhook_retry_seconds": 1.0})
     with webhook_receiver([503] * 100) as receiver, app_with(settings) as client:
-        job_id = client.post("/generate", json={"prompt": "a cat", "webhook": receiver.url}).json()["id"]
-        client.post(f"/jobs/{job_id}/cancel")
-        webhook = wait_for(
-            lambda: (w := client.get(f"/jobs/{job_id}").json()["webhook"])["state"] == "failed" and w,
-            timeout=20,
-            what="the delivery to be given up",
-        )
+        webhook = webhook_when(client, canceled_with_webhook(client, receiver.url), "failed")
         metrics = client.get("/metrics").text
     assert webhook["attempts"] == len(receiver.received()) >= 3 and webhook["last_status"] == 503
     assert webhook["delivered_at"] is None
@@ -316,11 +304,7 @@ def test_an_address_refused_at_delivery_is_never_called(settings_factory: Callab
         store: JobStore = client.app.state.services.store  # type: ignore[attr-defined]
         job_id = queued(store, "c" * 32, webhook=receiver.url)
         store.cancel(job_id)
-        webhook = wait_for(
-            lambda: (w := client.get(f"/jobs/{job_id}").json()["webhook"])["state"] == "failed" and w,
-            timeout=20,
-            what="the delivery to be given up",
-        )
+        webhook = webhook_when(client, job_id, "failed")
         assert 'univigu_webhook_attempts_total{result="refused"}' in client.get("/metrics").text
     assert receiver.received() == []
     assert "127.0.0.1" in webhook["last_error"] and webhook["last_status"] is None
