@@ -79,7 +79,8 @@ def test_the_secret_stays_out_of_logs_and_the_retry_window_inside_the_record_lif
     settings = Settings(webhook_secret=SECRET)
     assert SECRET not in repr(settings) and SECRET not in str(settings.model_dump())
     with pytest.raises(ValidationError, match="webhook_retry_seconds must be shorter than result_ttl"):
-        Settings(webhook_retry_seconds=600, result_ttl_seconds=600)
+        Settings(webhook_secret=SECRET, webhook_retry_seconds=600, result_ttl_seconds=600)
+    assert Settings(result_ttl_seconds=60).webhook_retry_seconds == 3600, "no constraint with webhooks off"
 
 
 @pytest.mark.parametrize(

@@ -222,9 +222,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{low} must not exceed {high}")
         if self.heartbeat_interval_seconds >= self.heartbeat_ttl_seconds:
             raise ValueError("heartbeat_interval_seconds must be shorter than heartbeat_ttl_seconds")
-        if self.webhook_retry_seconds >= self.result_ttl_seconds:
+        if self.webhook_secret is not None and self.webhook_retry_seconds >= self.result_ttl_seconds:
             # a delivery reads the job's record, which expires result_ttl_seconds after the job ends
-            raise ValueError("webhook_retry_seconds must be shorter than result_ttl_seconds")
+            raise ValueError(
+                "with webhooks on, webhook_retry_seconds must be shorter than result_ttl_seconds"
+            )
         return self
 
     @property
