@@ -94,7 +94,10 @@ class WebhookDispatcher:
         self._loop.close()
 
     def _run(self) -> None:
-        self._loop.run_until_complete(self._serve())
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
 
     async def _serve(self) -> None:
         in_flight: set[asyncio.Task[None]] = set()
