@@ -38,6 +38,10 @@ pytestmark = [
 ]
 
 
+def children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
 def as_pid_one(command: list[str], settings: Settings, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     """Run ``command`` as PID 1 of a new PID namespace; returns the ``unshare`` process and the host's
     pid of the command, once the command has replaced unshare's child (exec)."""
@@ -49,8 +53,7 @@ def as_pid_one(command: list[str], settings: Settings, log: Path) -> tuple[subpr
             stdout=output,
             stderr=subprocess.STDOUT,
         )
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    pid = int(wait_for(lambda: children.read_text().split(), timeout=30, what="the namespace's PID 1")[0])
+    pid = int(wait_for(lambda: children(process.pid), timeout=30, what="the namespace's PID 1")[0])
     program = Path(f"/proc/{pid}/cmdline")
     wait_for(lambda: program.read_bytes().split(b"\0")[0] == command[0].encode(), timeout=30, what="the exec")
     return process, pid
@@ -74,6 +77,9 @@ def test_sigterm_while_a_worker_starts_is_ignored_without_init_and_honoured_unde
         bare.wait()
 
     under_tini, tini_pid = as_pid_one([*INIT, *WORKER], settings, tmp_path / "tini.log")
+    # tini blocks signals before it starts the worker: from then on, none is lost (before, as PID 1, it
+    # would ignore one like any other program).
+    wait_for(lambda: children(tini_pid), timeout=30, what="tini to start the worker")
     os.kill(tini_pid, signal.SIGTERM)
     status = under_tini.wait(timeout=60)
     log = (tmp_path / "tini.log").read_text()
