@@ -24,11 +24,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
+from prometheus_client import start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
 from model.config import PRESETS
 from service.cli import healthcheck
 from service.cli.main import build_parser
+from service.cli.redis_server import free_port
 from service.contract.metrics import GatewayMetrics, WorkerMetrics
 from service.contract.settings import Settings
 from service.gateway.routes import health
@@ -395,6 +397,23 @@ def test_the_image_health_check_is_right_for_every_role(monkeypatch: pytest.Monk
         else:
             assert probe is None, f"`univigu {args[0]}` serves nothing, so nothing is probed"
         assert probe is None or url_port(probe.url) in exposed, probe
+
+
+def test_a_workers_health_check_passes_once_its_model_has_loaded() -> None:
+    """Against a real exporter of the worker's metrics (what `univigu worker` serves while it loads)."""
+    metrics = WorkerMetrics()
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        probe = healthcheck.Probe(f"http://127.0.0.1:{port}/metrics", needs_loaded_model=True)
+        assert "has not loaded yet" in (healthcheck.check(probe) or "")
+        metrics.model_load.set(1.5)
+        assert healthcheck.check(probe) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert "Connection refused" in (healthcheck.check(probe) or "")
 
 
 def test_the_health_check_finds_the_command_behind_any_init() -> None:
