@@ -1,6 +1,6 @@
 """The `univigu` command: `gateway` and `up` here, `worker` from :mod:`worker.cli`, `submit` from
-:mod:`service.cli.submit`, `healthcheck` from :mod:`service.cli.healthcheck`, and the model's commands (`generate`, `caption`, `joint`, `train`,
-`toyworld`) from :mod:`model.cli`.
+:mod:`service.cli.submit`, `healthcheck` from :mod:`service.cli.healthcheck`, and the model's commands
+(`generate`, `caption`, `joint`, `train`, `toyworld`) from :mod:`model.cli`.
 
 `univigu gateway` never imports torch; `univigu worker` and the model's commands import it when they
 run.
