@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from service.cli.redis_server import RedisServer
 from service.contract.schemas import JobType
@@ -84,6 +85,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env.pop("REDIS_URL", None)
     for name in settings.model_fields_set:
         value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         env[f"UNIVIGU_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
     return env
 
@@ -172,7 +175,7 @@ def assert_envelope(response: Any, status: int, code: str, param: str | None = N
     return body["error"]
 
 
-def queued(store: JobStore, job_id: str = "j1") -> str:
+def queued(store: JobStore, job_id: str = "j1", *, webhook: str | None = None) -> str:
     """Record a queued generate job directly in the store (no rq queue involved); returns its id."""
     store.create(
         job_id,
@@ -183,5 +186,6 @@ def queued(store: JobStore, job_id: str = "j1") -> str:
         enqueue=lambda pipeline: None,
         admit=lambda: None,
         queue_key="unused-queue",
+        webhook=webhook,
     )
     return job_id

@@ -1,6 +1,6 @@
 """The `univigu` command: `gateway` and `up` here, `worker` from :mod:`worker.cli`, `submit` from
-:mod:`service.cli.submit`, and the model's commands (`generate`, `caption`, `joint`, `train`,
-`toyworld`) from :mod:`model.cli`.
+:mod:`service.cli.submit`, `healthcheck` from :mod:`service.cli.healthcheck`, and the model's commands
+(`generate`, `caption`, `joint`, `train`, `toyworld`) from :mod:`model.cli`.
 
 `univigu gateway` never imports torch; `univigu worker` and the model's commands import it when they
 run.
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from service.cli.healthcheck import register as register_healthcheck_command
 from service.cli.submit import register as register_submit_command
 from service.contract.settings import load_settings
 from worker.cli import register as register_worker_command
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(handler=_up)
 
     register_submit_command(commands)
+    register_healthcheck_command(commands)
 
     try:
         from model.cli import register as register_model_commands

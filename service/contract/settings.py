@@ -12,11 +12,15 @@ slack (13 s with the defaults; documented as "within 15 s").
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 class Settings(BaseSettings):
@@ -109,6 +113,33 @@ class Settings(BaseSettings):
         20, ge=1, description="Requests a client may send at once before the rate limit applies."
     )
 
+    # --- webhooks (Standard Webhooks; delivered by the gateways, see service/gateway/webhooks) ----------
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Signing secret of webhook events, whsec_ + base64 of 24 to 64 random bytes. Unset: "
+        "webhooks are off and a submit that names one answers 422.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook URLs that resolve to loopback, link-local or private addresses (a "
+        "receiver on the same host or network). Off: refused at submit and again at each delivery.",
+    )
+    webhook_timeout_seconds: float = Field(
+        5.0, gt=0, description="One delivery attempt (DNS, connect, send, answer) must end within this."
+    )
+    webhook_backoff_seconds: float = Field(
+        2.0, gt=0, description="Wait before the first retry of a failed delivery; each next wait doubles."
+    )
+    webhook_retry_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="How long a failing delivery is retried, from the job's end; then it is given up "
+        "(webhook state failed).",
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often each gateway looks for webhook events due for delivery."
+    )
+
     # --- request limits (validated at the edge; None fields use the model's defaults) --------------------
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
     min_size: int = Field(16, ge=16, description="Smallest height/width (multiples of 16).")
@@ -166,6 +197,24 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+        try:
+            size = len(base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True))
+        except binascii.Error:
+            size = 0
+        if not secret.startswith(WEBHOOK_SECRET_PREFIX) or not 24 <= size <= 64:
+            raise ValueError(
+                f"must be {WEBHOOK_SECRET_PREFIX} followed by 24 to 64 random bytes in base64; make one with "
+                "python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_ranges(self) -> Settings:
         for low, high in (("min_size", "max_size"), ("min_frames", "max_frames"), ("min_fps", "max_fps")):
@@ -173,6 +222,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{low} must not exceed {high}")
         if self.heartbeat_interval_seconds >= self.heartbeat_ttl_seconds:
             raise ValueError("heartbeat_interval_seconds must be shorter than heartbeat_ttl_seconds")
+        if self.webhook_secret is not None and self.webhook_retry_seconds >= self.result_ttl_seconds:
+            # a delivery reads the job's record, which expires result_ttl_seconds after the job ends
+            raise ValueError(
+                "with webhooks on, webhook_retry_seconds must be shorter than result_ttl_seconds"
+            )
         return self
 
     @property
