@@ -28,6 +28,7 @@ from service.contract.store import JobStore
 
 if TYPE_CHECKING:
     from model.pipeline import UniViGUPipeline
+    from worker.group import GroupPipeline
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Outcome:
 class JobRunner:
     def __init__(
         self,
-        pipeline: UniViGUPipeline,
+        pipeline: UniViGUPipeline | GroupPipeline,
         *,
         store: JobStore,
         files: ResultFiles,

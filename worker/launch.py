@@ -1,0 +1,70 @@
+"""`univigu worker --devices a,b,...`: start a worker group under torchrun, one process per device.
+
+This process becomes torchrun's agent (``torch.distributed.run``, standalone rendezvous on a free local
+port). Each child is `univigu worker` again and reads the same settings from its environment; torchrun
+tells it its rank (:mod:`worker.group`). When a child fails, torchrun stops the others and this command
+exits 1, so that its supervisor starts the group again; a stop request (SIGTERM) reaches every child, the
+leader finishes its job, and the group exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from service.contract.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """``UNIVIGU_*`` variables that make a child read ``settings`` (the fields set by flags or the environment)."""
+    values: dict[str, str] = {}
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(value)
+        values[f"UNIVIGU_{name.upper()}"] = (
+            str(value) if isinstance(value, Path | int | float | bool) else value
+        )
+    return values
+
+
+def launch_group(settings: Settings, *, name: str | None, burst: bool, log_level: str) -> int:
+    """Run `univigu worker` on each of ``settings.devices`` under torchrun; the group's exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.update(settings_environment(settings))
+    worker = [
+        "--log-level",
+        log_level,
+        "worker",
+        *(["--name", name] if name else []),
+        *(["--burst"] if burst else []),
+    ]
+    torchrun = get_args_parser().parse_args(
+        [
+            "--standalone",
+            f"--nproc-per-node={len(settings.devices)}",
+            "--max-restarts=0",  # a broken group exits: its supervisor restarts it
+            # A stop request lets the leader finish its job, as one worker does; the supervisor's own grace
+            # period (compose's stop_grace_period) decides how long that may take.
+            f"--shutdown-timeout={settings.job_timeout_seconds}",
+            "--module",
+            "service.cli",
+            *worker,
+        ]
+    )
+    try:
+        run(torchrun)
+    except ChildFailedError as exc:
+        log.error("the worker group stopped: %s", exc.get_first_failure()[1])
+        return 1
+    except SignalException as exc:
+        log.info("the worker group stopped on %s", exc.sigval.name)
+    return 0
