@@ -20,14 +20,13 @@ import torch
 from gloo_group import run_on_group
 from safetensors.torch import load_file
 
+from model import network as network_module
 from model.checkpoint import build_transformer, read_univigu_pth
 from model.config import UniViGUConfig
 from model.errors import AttentionBackendError, InvalidParameterError
-from model.network import UniViGUTransformer
+from model.network import UniViGUTransformer, resolve_attention_backend
 from model.parallel import ParallelPlan, check_degrees, split_sizes
 from model.pipeline import UniViGUPipeline, cast_transformer
-
-pytestmark = pytest.mark.slow
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "batch_masked"
 GOLDEN_TOLERANCE = 1e-4  # test_golden.py's bound against the authors' outputs
@@ -140,6 +139,7 @@ def assert_same_video(ours: np.ndarray, reference: np.ndarray) -> None:
     assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_every_layout_reproduces_one_process(group_run, single) -> None:
     for layout, results in group_run[0].items():
         where = f"guidance {layout[0]} x sequence {layout[1]}"
@@ -153,6 +153,7 @@ def test_every_layout_reproduces_one_process(group_run, single) -> None:
         assert results["caption"].tokens == single["caption"].tokens, where
 
 
+@pytest.mark.slow
 def test_the_split_golden_pass_matches_the_authors(group_run) -> None:
     _, io = golden_network()
     for results in group_run[0].values():
@@ -162,6 +163,7 @@ def test_the_split_golden_pass_matches_the_authors(group_run) -> None:
             assert relative_error(logits, io["out_logits"]) < GOLDEN_TOLERANCE
 
 
+@pytest.mark.slow
 def test_every_rank_ends_with_rank_zeros_video_and_tokens(group_run) -> None:
     leader, *followers = group_run
     for follower in followers:
@@ -203,7 +205,21 @@ def refused_plans() -> list[str]:
     return messages
 
 
+@pytest.mark.slow
 def test_a_split_the_model_cannot_take_is_refused_with_the_choices() -> None:
     heads, backend = run_on_group(2, refused_plans)[0]
     assert "must divide the model's 3 attention heads" in heads and "choose one of [1, 3], got 2" in heads
     assert "'_native_math' cannot split the sequence across devices; use one of" in backend
+
+
+def test_auto_attention_skips_kernels_diffusers_cannot_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(network_module, "_missing_requirement", lambda backend: None)  # all installed
+    cuda = torch.device("cuda")  # only names are resolved: no GPU is touched
+    assert resolve_attention_backend("auto", cuda) == "_flash_3"
+    assert resolve_attention_backend("auto", cuda, context_parallel=True) == "flash"
+
+
+def test_a_follower_skips_the_vae_decode() -> None:
+    pipe = UniViGUPipeline.from_preset("tiny")
+    pipe.decode_video = False
+    assert pipe.generate(PROMPT, **{**VIDEO, "steps": 1}, seed=0).frames.shape == (0, 0, 0, 3)

@@ -14,13 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
 from conftest import REPO, TINY_VIDEO, WorkerProcess, settings_env, wait_for, wait_for_status
 from fastapi.testclient import TestClient
+from gloo_group import run_on_group
 
+from model.errors import InvalidParameterError
 from model.media import write_mp4
+from model.parallel import ParallelPlan
 from model.pipeline import UniViGUPipeline
 from service.contract.settings import Settings
 from service.gateway.app import create_app
+from worker.group import Rank, WorkerGroup
 
 pytestmark = pytest.mark.slow
 
@@ -145,3 +151,22 @@ def test_a_group_whose_devices_do_not_fit_its_degrees_does_not_start(group_setti
     )
     assert result.returncode == 2
     assert "a worker group of 3 devices needs guidance_parallel x sequence_parallel = 3" in result.stderr
+
+
+def refuse_video_reuse() -> str:
+    """Run on both ranks of a group: what a group's leader says to a caption that asks for video_reuse."""
+    plan = ParallelPlan.build(1, 2, torch.device("cpu"))
+    rank = Rank(dist.get_rank(), 2, dist.get_rank(), "cpu")
+    group = WorkerGroup(rank, plan, dist.new_group(backend="gloo"), ["cpu", "cpu"])
+    leader = group.lead(UniViGUPipeline.from_preset("tiny"), "native")
+    try:
+        leader.caption(np.zeros((5, 32, 32, 3), dtype=np.uint8), video_reuse=True)
+    except InvalidParameterError as error:
+        return f"{error.param}: {error.message}"
+    return "accepted"
+
+
+def test_a_group_refuses_video_reuse_before_any_rank_runs() -> None:
+    message = run_on_group(2, refuse_video_reuse)[0]
+    assert message.startswith("video_reuse: video_reuse needs the whole job on one device")
+    assert "splits every job across 2 (guidance_parallel 1 x sequence_parallel 2)" in message
