@@ -24,6 +24,7 @@ from service.contract.schemas import JobType
 from service.contract.settings import Settings
 from service.contract.store import JobStore
 from service.gateway.app import create_app
+from worker.launch import settings_environment
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_START_TIMEOUT = 180.0
@@ -82,10 +83,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read the same settings."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("UNIVIGU_")}
     env.pop("REDIS_URL", None)
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        env[f"UNIVIGU_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
-    return env
+    return env | settings_environment(settings)
 
 
 class WorkerProcess:

@@ -46,12 +46,12 @@ def register(commands: Any) -> None:
         "--guidance-parallel",
         type=int,
         choices=[1, 2],
-        help="a group's devices per guided pass's halves: 1 or 2",
+        help="a worker group's guidance split: 2 runs the two passes of a guided step on two halves (default 1)",
     )
     worker.add_argument(
         "--sequence-parallel",
         type=int,
-        help="a group's devices per pass's tokens (default: the rest of the group)",
+        help="a worker group's token split: the devices that share each pass (default: the rest of the group)",
     )
     source = worker.add_mutually_exclusive_group()
     source.add_argument("--preset", help="random-init preset, e.g. tiny")

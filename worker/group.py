@@ -72,7 +72,8 @@ class Rank:
 
     @classmethod
     def from_environment(cls, settings: Settings) -> Rank:
-        """``devices[LOCAL_RANK]`` when the devices are listed; else ``cuda:LOCAL_RANK`` (or the CPU)."""
+        """``devices[LOCAL_RANK]`` when the devices are listed; else ``cuda:LOCAL_RANK`` for a CUDA ``device``,
+        or ``device`` itself (the CPU)."""
         world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         if settings.devices:
             if len(settings.devices) != int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from service.contract.settings import Settings
 
@@ -20,17 +19,12 @@ log = logging.getLogger(__name__)
 
 def settings_environment(settings: Settings) -> dict[str, str]:
     """``UNIVIGU_*`` variables that make a child read ``settings`` (the fields set by flags or the environment)."""
-    values: dict[str, str] = {}
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if isinstance(value, list):
-            value = ",".join(value)
-        values[f"UNIVIGU_{name.upper()}"] = (
-            str(value) if isinstance(value, Path | int | float | bool) else value
-        )
-    return values
+    values = {name: getattr(settings, name) for name in settings.model_fields_set}
+    return {
+        f"UNIVIGU_{name.upper()}": ",".join(value) if isinstance(value, list) else str(value)
+        for name, value in values.items()
+        if value is not None
+    }
 
 
 def launch_group(settings: Settings, *, name: str | None, burst: bool, log_level: str) -> int:
