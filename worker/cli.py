@@ -14,6 +14,9 @@ from service.contract.settings import load_settings
 
 log = logging.getLogger("univigu")
 
+EXIT_CONFIGURATION = 2
+"""The worker's exit status when its settings keep it from starting (restarting it cannot help)."""
+
 SETTING_FLAGS = (
     "device",
     "devices",
@@ -75,22 +78,22 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.group import in_torchrun
+    from worker.group import GroupLayoutError, in_torchrun
     from worker.launch import launch_group
     from worker.loading import ModelSpec, ModelSpecError
-    from worker.main import serve, serve_in_group
+    from worker.main import MetricsPortUnavailable, serve, serve_in_group
 
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
     try:
         settings = load_settings(**overrides)
         spec = ModelSpec.from_settings(settings)
-    except (ValidationError, ModelSpecError) as exc:
+        if in_torchrun():
+            serve_in_group(settings, spec, name=args.name, burst=args.burst)
+        elif len(settings.devices) > 1:
+            return launch_group(settings, name=args.name, burst=args.burst, log_level=args.log_level)
+        else:
+            serve(settings, spec, name=args.name, burst=args.burst)
+    except (ValidationError, ModelSpecError, MetricsPortUnavailable, GroupLayoutError) as exc:
         log.error("%s", exc)
-        return 2
-    if in_torchrun():
-        serve_in_group(settings, spec, name=args.name, burst=args.burst)
-    elif len(settings.devices) > 1:
-        return launch_group(settings, name=args.name, burst=args.burst, log_level=args.log_level)
-    else:
-        serve(settings, spec, name=args.name, burst=args.burst)
+        return EXIT_CONFIGURATION
     return 0

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from rq.timeouts import JobTimeoutException
 
-from model.errors import InvalidParameterError, UniViGUError
+from model.errors import AttentionBackendError, InvalidParameterError, UniViGUError
 from model.parallel import ParallelPlan
 from service.contract.schemas import ErrorInfo
 from service.contract.settings import Settings
@@ -54,6 +54,10 @@ noticed at once (its sockets close); this only bounds a process that is frozen w
 WHOLE_JOB_OPTIONS = ("video_reuse",)
 """Request options that need a whole job on one device. ``video_reuse`` keeps every block's keys and
 values of the whole video for later text-only passes; a split job holds only a share of them per rank."""
+
+
+class GroupLayoutError(ValueError):
+    """A layout the model cannot take (its head count, its attention kernel): restarting cannot help."""
 
 
 def in_torchrun() -> bool:
@@ -177,9 +181,12 @@ class WorkerGroup:
 
     def _attach(self, pipeline: UniViGUPipeline, attention_backend: str) -> None:
         """Split every pass of ``pipeline``'s network over the group; only the leader decodes videos."""
-        if self.plan.sequence > 1:
-            pipeline.transformer.set_attention_backend(attention_backend, context_parallel=True)
-        pipeline.transformer.enable_parallelism(self.plan)
+        try:
+            if self.plan.sequence > 1:
+                pipeline.transformer.set_attention_backend(attention_backend, context_parallel=True)
+            pipeline.transformer.enable_parallelism(self.plan)
+        except (InvalidParameterError, AttentionBackendError) as exc:
+            raise GroupLayoutError(exc.message) from exc
         pipeline.decode_video = self.is_leader
 
     def lead(self, pipeline: UniViGUPipeline, attention_backend: str) -> GroupPipeline:

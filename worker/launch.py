@@ -13,6 +13,7 @@ import logging
 import os
 
 from service.contract.settings import Settings
+from worker.cli import EXIT_CONFIGURATION
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ def settings_environment(settings: Settings) -> dict[str, str]:
 
 
 def launch_group(settings: Settings, *, name: str | None, burst: bool, log_level: str) -> int:
-    """Run `univigu worker` on each of ``settings.devices`` under torchrun; the group's exit status."""
+    """Run `univigu worker` on each of ``settings.devices`` under torchrun; the group's exit status: 0, the
+    first failed rank's :data:`EXIT_CONFIGURATION` when its settings kept it from starting, else 1."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -57,8 +59,9 @@ def launch_group(settings: Settings, *, name: str | None, burst: bool, log_level
     try:
         run(torchrun)
     except ChildFailedError as exc:
-        log.error("the worker group stopped: %s", exc.get_first_failure()[1])
-        return 1
+        failure = exc.get_first_failure()[1]
+        log.error("the worker group stopped: rank %d exited with %d", failure.local_rank, failure.exitcode)
+        return EXIT_CONFIGURATION if failure.exitcode == EXIT_CONFIGURATION else 1
     except SignalException as exc:
         log.info("the worker group stopped on %s", exc.sigval.name)
     return 0

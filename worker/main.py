@@ -28,7 +28,6 @@ from rq.serializers import JSONSerializer
 from service.contract.connection import REDIS_UNREACHABLE, connect_redis, job_queue, job_store
 from service.contract.metrics import WorkerMetrics
 from service.contract.result_files import ResultFiles
-from service.contract.schemas import ErrorInfo, JobStatus
 from service.contract.settings import Settings
 from service.contract.store import JobStore
 from worker import tasks
@@ -129,6 +128,22 @@ def work_until_stopped(settings: Settings, *, name: str, burst: bool) -> None:
             return
 
 
+class MetricsPortUnavailable(RuntimeError):
+    """The worker's metrics port cannot be bound (taken, or not allowed); checked before the model loads."""
+
+
+def serve_metrics(metrics: WorkerMetrics, port: int) -> None:
+    try:
+        start_http_server(port, registry=metrics.registry)
+    except OSError as exc:
+        raise MetricsPortUnavailable(
+            f"the worker's metrics port {port} is unavailable ({exc.strerror}): set "
+            "UNIVIGU_WORKER_METRICS_PORT or `univigu worker --metrics-port` to a free port, or 0 to turn "
+            "the worker's metrics off"
+        ) from exc
+    log.info("worker metrics on :%d/metrics", port)
+
+
 def default_worker_name(device: str) -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{device.replace(':', '')}"
 
@@ -149,8 +164,7 @@ def serve(
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
-        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+        serve_metrics(metrics, settings.worker_metrics_port)
     log.info("loading %s", spec.describe())
     started = time.monotonic()
     pipeline = load_pipeline(spec)
@@ -184,7 +198,7 @@ def serve(
     )
     tasks.install(runner)
     if group is not None:
-        group.fail_running_job = lambda error: _fail_running_job(store, runner, error)
+        group.fail_running_job = runner.fail_running
     heartbeat = Heartbeat(
         store, runner, metrics, interval=settings.heartbeat_interval_seconds, device=spec.device
     )
@@ -197,12 +211,6 @@ def serve(
             store.worker_gone(name)
         except REDIS_UNREACHABLE as exc:
             log.warning("could not deregister worker %s: %s", name, exc)
-
-
-def _fail_running_job(store: JobStore, runner: JobRunner, error: ErrorInfo) -> None:
-    job_id = runner.current_job
-    if job_id is not None:
-        store.finish(job_id, JobStatus.failed, error=error)
 
 
 def serve_in_group(

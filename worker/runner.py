@@ -114,6 +114,15 @@ class JobRunner:
         error = ErrorInfo(code="worker_lost", message=message)
         if self.store.finish(job_id, JobStatus.failed, error=error, from_queued=True):
             log.warning("job %s failed: abandoned by its worker", job_id)
+        self.files.record_expiry(job_id, self.store.result_ttl_seconds)
+
+    def fail_running(self, error: ErrorInfo) -> None:
+        """Fail the job being run, if any, from another thread: its worker group broke (worker.group)."""
+        job_id = self.current_job
+        if job_id is None:
+            return
+        self.store.finish(job_id, JobStatus.failed, error=error)
+        self.files.record_expiry(job_id, self.store.result_ttl_seconds)
 
     def _execute(self, record: JobRecord) -> Outcome:
         try:
@@ -209,6 +218,9 @@ class JobRunner:
         return should_cancel
 
     def _finish(self, record: JobRecord, outcome: Outcome) -> None:
+        """Record the outcome, then the files' expiry. An outcome lost to a Redis outage gets its expiry
+        from the reaper that fails the job; a dropped one (the record was deleted or reaped meanwhile)
+        still gets one here, so what was written for it expires like any other job's files."""
         deadline = time.monotonic() + self.finish_retry_seconds
         while True:
             try:
@@ -229,3 +241,4 @@ class JobRunner:
                 record.id,
                 outcome.status,
             )
+        self.files.record_expiry(record.id, self.store.result_ttl_seconds)

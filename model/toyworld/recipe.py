@@ -16,26 +16,12 @@ half of its noisy-text examples (the paper's refine always conditions on it) so 
 without a prompt, which the evaluation uses, produces the detailed caption.
 
 The toy objective weighs text as much as video (``text_weight = 1``, against 0.2 by default) and
-trains more captioning examples: recall 50% clean video, 20% clean text; refine 40% and 40%. With the
-default weights the text loss is a mean over every position of the stream, the three attribute words
-a small share of it, and captioning starved: after 1500 recall steps, 38% of fresh clips were
-captioned with all three attributes right at the defaults' weights, 77% with these (1500 refine steps
-more: 85%). The possible cost is text-to-video's colour: in those probes 60% of generated clips had
-the right colour, against 83% for the model shipped before; in the full evaluation the first model
-trained with them (041eba1) read 82% (the one before it 90%).
-
-Both stages peak at a learning rate of 1e-3 (5e-4 until 041eba1). From the same VAE and with the same
-steps, the full evaluation's seen captioning went from 87% to 90% all three right, text-to-video from
-15% to 25% (colour 82% to 88%) and held-out captioning from 32% to 68%. Doubling the text weight
-instead, at 5e-4, gave 83%, 17% and 35% (BENCHMARKS.md, "Toy world"). At 2e-3 held-out captioning
-rose to 77-80% but text-to-video did not move and its colour fell (88% to 83% seen, 67% held out), and
-two thirds of the steps at 2e-3 lost both (seen captioning 83%, text-to-video 18%).
-
-``polish`` runs refine's objective again from refine's output for 3000 steps at a peak rate of 5e-4. On
-two sets of 60 seen clips it lifted text-to-video from 25% and 20% all three right to 50% and 35%
-(motion 75% to 95%; shape 37% to 57% on the first set), joint agreement by 15-22 points, and
-captioning from 90% and 93% to 90% and 97%. 1500 steps gave 38% and 32%, and 1500 more on top of
-those still gained. It costs about 22 of the recipe's 96 minutes.
+trains more captioning examples (recall 50% clean video and 20% clean text; refine 40% and 40%): the
+text loss is a mean over every position of the stream, the three attribute words are a small share of
+it, and at the default weights captioning starves. Both stages peak at a learning rate of 1e-3; the
+``polish`` stage runs refine's objective again from refine's output, for 3000 steps at 5e-4, which is
+where text-to-video's motion and shape improve. How these values were chosen, and what each probe
+measured, is in docs/toyworld-history.md.
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ between the second and the third:
 3. :func:`refine_decoder`: ``decoder_steps`` on whole clips that train the decoder alone, on the frozen
    encoder's latents, computed once. After phase 2 the encoder's latents already tell the shape apart (a
    two-layer convolutional probe on the first latent frame classifies it 100% right) while the decoder
-   still draws rounded blobs (the detector read the shape of 62% of the previous VAE's reconstructions
-   right; 83% for the VAE shipped at 28132cd, which had this phase; the shipped VAE now keeps the shape
-   of 85-97% of seen clips in the evaluation's reconstruction row). A step costs
+   still draws rounded blobs; training the decoder alone is what makes it draw the shapes (the shipped
+   VAE keeps the shape of 85-97% of seen clips in the evaluation's reconstruction row). A step costs
    about half a whole-clip step, and since the latent space does not move, the phase can also refine
    the decoder of a model whose transformer is already trained (as Stable Diffusion's ``ft-MSE``
    decoder did).

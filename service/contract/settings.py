@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         86400, ge=1, description="Finished jobs and their files are kept this long, then deleted."
     )
     cleanup_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are deleted.")
+    data_dir: Path | None = Field(
+        None,
+        description="`univigu up`'s data folder: its Redis's append-only file and the results "
+        "(`up --data-dir`); unset: the user's data directory (~/.local/share/univigu on Linux).",
+    )
 
     # --- liveness ----------------------------------------------------------------------------------------
     heartbeat_interval_seconds: float = Field(2.0, gt=0, description="Workers refresh heartbeats this often.")

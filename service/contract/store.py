@@ -418,6 +418,10 @@ class JobStore:
     def worker_gone(self, name: str) -> None:
         self.redis.zrem(self._workers, name)
 
+    def worker_seen(self, name: str) -> bool:
+        """The worker ``name`` has sent a heartbeat (it loaded its model and serves)."""
+        return self.redis.zscore(self._workers, name) is not None
+
     def live_workers(self, ttl_seconds: float) -> int:
         cutoff = _now() - ttl_seconds
         self.redis.zremrangebyscore(self._workers, "-inf", f"({cutoff}")

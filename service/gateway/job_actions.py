@@ -232,8 +232,9 @@ def delete(services: Services, caller: Caller, job_id: str) -> JobRecord:
 
     A queued job leaves the queue; a running one stops at its next denoising step (its worker reads the
     missing record as a cancel request and drops its outcome). Afterwards the job answers 404 everywhere.
-    A file its worker was writing at that very moment has no record left, so the periodic clean-up
-    (``ResultFiles.clean_expired``) removes it. Returns the record as it was read before the delete."""
+    A file its worker was writing at that very moment gets an expiry from that worker, and the periodic
+    clean-up (``ResultFiles.clean_expired``) removes it then. Returns the record as it was read before the
+    delete."""
     record, _ = read_record(services, caller, job_id)
     if not record.status.terminal:
         _cancel(services, record)
