@@ -57,7 +57,8 @@ values of the whole video for later text-only passes; a split job holds only a s
 
 
 class GroupLayoutError(ValueError):
-    """A layout the model cannot take (its head count, its attention kernel): restarting cannot help."""
+    """A layout that cannot work (the processes against the devices and degrees, the model's head count,
+    its attention kernel): restarting cannot help."""
 
 
 def in_torchrun() -> bool:
@@ -81,7 +82,7 @@ class Rank:
         world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         if settings.devices:
             if len(settings.devices) != int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):
-                raise ValueError(
+                raise GroupLayoutError(
                     f"{len(settings.devices)} devices are listed (devices) but torchrun started "
                     f"{os.environ.get('LOCAL_WORLD_SIZE', world_size)} processes on this machine"
                 )
@@ -149,7 +150,10 @@ class WorkerGroup:
     def join(cls, settings: Settings) -> WorkerGroup:
         """Join the group torchrun started: the process groups, the parallel plan, the liveness thread."""
         rank = Rank.from_environment(settings)
-        guidance, sequence = settings.parallel_degrees(rank.world_size)
+        try:
+            guidance, sequence = settings.parallel_degrees(rank.world_size)
+        except ValueError as exc:
+            raise GroupLayoutError(str(exc)) from exc
         device = torch.device(rank.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -163,7 +167,6 @@ class WorkerGroup:
         dist.all_gather_object(devices, rank.device, group=control)
         group = cls(rank, plan, control, devices)
         group.liveness = Liveness(liveness, settings.heartbeat_interval_seconds, group.lost)
-
         group.liveness.start()
         log.info(
             "rank %d of %d on %s: guidance_parallel %d x sequence_parallel %d",

@@ -3,8 +3,8 @@
 This process becomes torchrun's agent (``torch.distributed.run``, standalone rendezvous on a free local
 port). Each child is `univigu worker` again and reads the same settings from its environment; torchrun
 tells it its rank (:mod:`worker.group`). When a child fails, torchrun stops the others and this command
-exits 1, so that its supervisor starts the group again; a stop request (SIGTERM) reaches every child, the
-leader finishes its job, and the group exits 0.
+exits 1, so that its supervisor starts the group again (2 when the layout cannot work: restarting would
+not help); a stop request (SIGTERM) reaches every child, the leader finishes its job, and the group exits 0.
 """
 
 from __future__ import annotations
