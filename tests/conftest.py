@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 
 from service.cli.redis_server import RedisServer
 from service.contract.schemas import JobType
@@ -83,12 +82,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read the same settings."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("UNIVIGU_")}
     env.pop("REDIS_URL", None)
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[f"UNIVIGU_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
-    return env
+    return env | settings.environment()
 
 
 class WorkerProcess:

@@ -498,21 +498,30 @@ def test_the_cpu_profile_needs_no_weights(monkeypatch: pytest.MonkeyPatch) -> No
     assert TOY_MODEL_IN_IMAGE in DOCKERFILE_TEXT, "the image links the shipped toy model to a stable path"
 
 
-def test_one_gpu_worker_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    gpus: dict[str, str] = {}
+def test_gpu_workers_and_groups_do_not_share_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within a profile no two services reserve one GPU. Inside a container its GPUs are numbered from 0:
+    a one-GPU worker uses cuda:0, a worker group lists cuda:0 ... cuda:n-1 for its n GPUs."""
+    taken: dict[tuple[str, str], str] = {}  # (profile, GPU id) -> service
     for name in OUR_SERVICES:
         reservations = SERVICES[name].get("deploy", {}).get("resources", {}).get("reservations", {})
         devices = reservations.get("devices", [])
         if not devices:
             continue
-        assert role(name) == "worker" and SERVICES[name].get("profiles") == ["gpu"], name
+        profiles = SERVICES[name].get("profiles")
+        assert role(name) == "worker" and profiles and all(p.startswith("gpu") for p in profiles), name
         (device,) = devices
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], device
-        (gpu,) = device["device_ids"]
-        assert gpu not in gpus.values(), f"{name} and another worker share GPU {gpu}"
-        gpus[name] = gpu
-        assert settings_of(name, monkeypatch).device == "cuda:0", "one GPU is visible: cuda:0"
-    assert gpus, "no worker reserves an NVIDIA GPU"
+        for profile in profiles:
+            for gpu in device["device_ids"]:
+                assert (profile, gpu) not in taken, f"{name} and {taken[(profile, gpu)]} share GPU {gpu}"
+                taken[(profile, gpu)] = name
+        settings = settings_of(name, monkeypatch)
+        visible = [f"cuda:{index}" for index in range(len(device["device_ids"]))]
+        if len(visible) == 1:
+            assert settings.device == "cuda:0" and not settings.devices, "one GPU is visible: cuda:0"
+        else:
+            assert settings.devices == visible, f"{name} reserves {len(visible)} GPUs: devices {visible}"
+    assert taken, "no worker reserves an NVIDIA GPU"
 
 
 # --- ports, volumes, dependencies -----------------------------------------------------------------------

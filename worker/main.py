@@ -1,14 +1,16 @@
 """`univigu worker`: load the pipeline once, then run queued jobs in this process with rq's SimpleWorker.
 
-CUDA state does not survive rq's default fork-per-job, so jobs run in-process. Start one worker per GPU;
-any number of workers on any number of machines may share one Redis. A heartbeat thread marks this
-worker alive (for /readyz) and keeps the running job's heartbeat fresh; if the process dies, the
-gateway's reaper fails that job as ``worker_lost`` (see ``Settings.worker_lost_bound_seconds``). A Redis
-outage does not end the process: when rq's loop gives up on Redis, a fresh loop starts in it.
+CUDA state does not survive rq's default fork-per-job, so jobs run in-process. Start one worker per GPU,
+or one worker group per set of GPUs that share each job (:mod:`worker.group`); any number of workers on any
+number of machines may share one Redis. A heartbeat thread marks this worker alive (for /readyz) and
+keeps the running job's heartbeat fresh; if the process dies, the gateway's reaper fails that job as
+``worker_lost`` (see ``Settings.worker_lost_bound_seconds``). A Redis outage does not end the process: when
+rq's loop gives up on Redis, a fresh loop starts in it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -29,6 +31,7 @@ from service.contract.result_files import ResultFiles
 from service.contract.settings import Settings
 from service.contract.store import JobStore
 from worker import tasks
+from worker.group import WorkerGroup
 from worker.loading import ModelSpec, describe_model, load_pipeline, warm_up
 from worker.runner import JobRunner
 
@@ -145,9 +148,16 @@ def default_worker_name(device: str) -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{device.replace(':', '')}"
 
 
-def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst: bool = False) -> None:
+def serve(
+    settings: Settings,
+    spec: ModelSpec,
+    *,
+    name: str | None = None,
+    burst: bool = False,
+    group: WorkerGroup | None = None,
+) -> None:
     """Load the model, then work until SIGTERM/SIGINT (after the current job) or, with ``burst``, until
-    the queue is empty."""
+    the queue is empty. With ``group`` this is its leader, and every job runs on the whole group."""
     name = name or default_worker_name(spec.device)
     # A file-size limit (`ulimit -f`, a full quota) then fails writes with EFBIG, so the job fails with
     # storage_error and the worker keeps serving, instead of SIGXFSZ killing the worker (and ffmpeg).
@@ -158,6 +168,7 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     log.info("loading %s", spec.describe())
     started = time.monotonic()
     pipeline = load_pipeline(spec)
+    served = pipeline if group is None else group.lead(pipeline, settings.attention_backend)
     metrics.model_load.set(time.monotonic() - started)
     log.info(
         "model loaded in %.1f s; attention backend %s",
@@ -165,7 +176,7 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
         pipeline.transformer.attention_backend,
     )
     if settings.warmup_steps:
-        seconds = warm_up(pipeline, settings.warmup_steps)
+        seconds = warm_up(served, settings.warmup_steps)
         metrics.warmup.set(sum(seconds.values()))
         log.info(
             "warm-up (%d steps per mode) took %s",
@@ -176,9 +187,9 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     files = ResultFiles(settings.results_dir)
     files.ensure_dirs()
     store = job_store(settings, connect_redis(settings))
-    store.publish_model(describe_model(pipeline))
+    store.publish_model(describe_model(pipeline, group))
     runner = JobRunner(
-        pipeline,
+        served,
         store=store,
         files=files,
         metrics=metrics,
@@ -186,6 +197,8 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
         finish_retry_seconds=settings.finish_retry_seconds,
     )
     tasks.install(runner)
+    if group is not None:
+        group.fail_running_job = runner.fail_running
     heartbeat = Heartbeat(
         store, runner, metrics, interval=settings.heartbeat_interval_seconds, device=spec.device
     )
@@ -198,3 +211,20 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
             store.worker_gone(name)
         except REDIS_UNREACHABLE as exc:
             log.warning("could not deregister worker %s: %s", name, exc)
+
+
+def serve_in_group(
+    settings: Settings, spec: ModelSpec, *, name: str | None = None, burst: bool = False
+) -> None:
+    """One rank of the worker group torchrun started: the leader serves (:func:`serve`), followers replay
+    its calls until it ends the group."""
+    group = WorkerGroup.join(settings)
+    spec = dataclasses.replace(spec, device=group.rank.device)
+    if group.is_leader:
+        serve(settings, spec, name=name, burst=burst, group=group)
+        group.stop()
+        return
+    # A follower stops when its leader ends the group, after the leader's last job.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    group.follow(load_pipeline(spec), settings.attention_backend)

@@ -28,6 +28,7 @@ from service.contract.store import JobStore
 
 if TYPE_CHECKING:
     from model.pipeline import UniViGUPipeline
+    from worker.group import GroupPipeline
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Outcome:
 class JobRunner:
     def __init__(
         self,
-        pipeline: UniViGUPipeline,
+        pipeline: UniViGUPipeline | GroupPipeline,
         *,
         store: JobStore,
         files: ResultFiles,
@@ -113,6 +114,14 @@ class JobRunner:
         error = ErrorInfo(code="worker_lost", message=message)
         if self.store.finish(job_id, JobStatus.failed, error=error, from_queued=True):
             log.warning("job %s failed: abandoned by its worker", job_id)
+        self.files.record_expiry(job_id, self.store.result_ttl_seconds)
+
+    def fail_running(self, error: ErrorInfo) -> None:
+        """Fail the job being run, if any, from another thread: its worker group broke (worker.group)."""
+        job_id = self.current_job
+        if job_id is None:
+            return
+        self.store.finish(job_id, JobStatus.failed, error=error)
         self.files.record_expiry(job_id, self.store.result_ttl_seconds)
 
     def _execute(self, record: JobRecord) -> Outcome:

@@ -175,6 +175,13 @@ class ServedModel(BaseModel):
     defaults: dict[str, Any] = Field(description="Values used for options a request leaves out.")
     attention_backend: str | None = Field(None, description="The attention kernel the workers use.")
     compiled: bool = Field(False, description="Whether the workers run torch.compile'd transformer blocks.")
+    devices: list[str] = Field(
+        default_factory=list, description="The devices each job runs on: one, or a worker group's several."
+    )
+    guidance_parallel: int = Field(1, description="Devices that share a guided pass's two halves (1 or 2).")
+    sequence_parallel: int = Field(
+        1, description="Devices that share each pass's tokens (Ulysses attention)."
+    )
 
     @computed_field(  # type: ignore[prop-decorator]
         description="The model's name in the OpenAI-compatible API: univigu-<preset>, or univigu."

@@ -154,6 +154,20 @@ class Settings(BaseSettings):
 
     # --- worker ------------------------------------------------------------------------------------------
     device: str = Field("cpu", description="Torch device of `univigu worker` (one worker per GPU).")
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="A worker group: comma-separated devices (cuda:0,cuda:1,...) that run every job together, "
+        "one process each; empty: one device, `device`. See docs/multi-gpu.md.",
+    )
+    guidance_parallel: int = Field(
+        1, ge=1, le=2, description="Devices of a worker group that share a guided pass's two halves: 1 or 2."
+    )
+    sequence_parallel: int | None = Field(
+        None,
+        ge=1,
+        description="Devices of a worker group that share each pass's tokens (Ulysses attention); must divide the "
+        "model's attention heads. Default: the rest of the group, its size / guidance_parallel.",
+    )
     preset: str | None = Field(None, description="Random-init model preset, e.g. tiny (tests, demos).")
     weights: Path | None = Field(None, description="A folder in our saved format (from_pretrained).")
     wan: Path | None = Field(None, description="A Wan2.1 Diffusers folder; needs `checkpoint`.")
@@ -190,9 +204,9 @@ class Settings(BaseSettings):
         9100, ge=0, le=65535, description="Each worker's Prometheus port; 0: off."
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "devices", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
@@ -227,7 +241,31 @@ class Settings(BaseSettings):
             raise ValueError(
                 "with webhooks on, webhook_retry_seconds must be shorter than result_ttl_seconds"
             )
+        if len(self.devices) > 1:
+            self.parallel_degrees(len(self.devices))
         return self
+
+    def parallel_degrees(self, ranks: int) -> tuple[int, int]:
+        """``(guidance, sequence)`` of a worker group of ``ranks`` processes; ValueError if they do not fit."""
+        guidance = self.guidance_parallel
+        sequence = self.sequence_parallel or max(1, ranks // guidance)
+        if guidance * sequence != ranks:
+            example = (2, ranks // 2) if ranks % 2 == 0 else (1, ranks)
+            raise ValueError(
+                f"a worker group of {ranks} devices needs guidance_parallel x sequence_parallel = {ranks}, got "
+                f"{guidance} x {sequence}; for example guidance_parallel {example[0]} and sequence_parallel {example[1]}"
+            )
+        return guidance, sequence
+
+    def environment(self) -> dict[str, str]:
+        """The ``UNIVIGU_*`` variables that make a child process read these settings (the fields set by
+        flags or the environment; secrets in the clear, since the child needs them)."""
+        values = {name: getattr(self, name) for name in self.model_fields_set}
+        return {
+            f"UNIVIGU_{name.upper()}": _environment_value(value)
+            for name, value in values.items()
+            if value is not None
+        }
 
     @property
     def worker_lost_bound_seconds(self) -> float:
@@ -238,3 +276,11 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read the environment once; keyword overrides (from the CLI) win."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def _environment_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value)
