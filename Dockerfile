@@ -7,7 +7,10 @@
 # Weights are never baked in: mount them read-only at /weights. Without weights a worker can serve
 # the trained toy-world model (a few MB of package data, model/assets/toy), reachable at
 # /opt/univigu/toy: `worker --weights /opt/univigu/toy`.
+# Plain `docker run` behaves like compose: tini is PID 1 (SIGTERM stops a worker at once, even while
+# it loads its model), and the health check probes what the container's role serves.
 #
+# Needs BuildKit (the `RUN --mount` caches below): Docker 23+ uses it by default.
 # torch comes from the PyTorch wheel index of the CUDA version of the base image (checked below).
 # Build for another CUDA 12.x with e.g.
 #   --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
@@ -51,7 +54,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+    && apt-get install -y --no-install-recommends python3 tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin univigu
 COPY --from=builder /opt/venv /opt/venv
@@ -72,8 +75,12 @@ VOLUME ["/data/results"]
 USER univigu
 WORKDIR /home/univigu
 EXPOSE 8000 9100
-# The gateway's liveness; worker services override it (docker-compose.yml checks the metrics port).
-HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('UNIVIGU_PORT', '8000') + '/healthz', timeout=4)"]
-ENTRYPOINT ["univigu"]
+# One health check for every role: `univigu healthcheck` reads the container's command (PID 1's) and
+# probes the gateway's /healthz, or a worker's metrics until its model has loaded (allow for a long
+# load: the start period). Commands that serve nothing (train) are healthy while they run.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 CMD ["univigu", "healthcheck"]
+# tini as PID 1 forwards signals and reaps children (ffmpeg). Without it univigu is PID 1, which the
+# kernel spares every signal it installed no handler for: SIGTERM before a worker's rq loop starts
+# (while it loads its model) was ignored, and `docker stop` waited out its timeout and killed it.
+ENTRYPOINT ["/usr/bin/tini", "--", "univigu"]
 CMD ["gateway"]

@@ -43,7 +43,7 @@ from service.contract.result_files import ResultFiles
 from service.contract.schemas import JobStatus, JobType
 from service.contract.store import JobStore
 from worker import tasks
-from worker.runner import JobRunner
+from worker.runner import CaptionBatching, JobRunner
 
 
 def clips(count: int, directory: Path) -> list[Path]:
@@ -103,8 +103,7 @@ def work_round(
         metrics=metrics,
         worker_name=name,
         finish_retry_seconds=5,
-        queue=queue,
-        caption_batch_size=batch_size,
+        batching=CaptionBatching(pipe, queue, max_size=batch_size),
     )
     ids = queue_captions(store, queue, files, videos, params)
     tasks.install(runner)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_dispatch import (
     AttentionBackendName,
+    _AttentionBackendRegistry,
     _check_attention_backend_requirements,
     dispatch_attention_fn,
 )
@@ -38,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import UniViGUConfig
 from model.errors import AttentionBackendError, InvalidParameterError
+from model.parallel import ParallelPlan, check_degrees
 
 MASKED_ATTENTION_BACKENDS = frozenset(
     {"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"}
@@ -110,9 +112,10 @@ def _missing_requirement(backend: AttentionBackendName) -> str | None:
     return None
 
 
-def resolve_attention_backend(backend: str, device: torch.device) -> str:
+def resolve_attention_backend(backend: str, device: torch.device, *, context_parallel: bool = False) -> str:
     """``auto`` -> the first usable of :data:`AUTO_ATTENTION_CANDIDATES` on CUDA, else ``native`` (torch's
     SDPA, which picks its own flash/memory-efficient/math kernel); any other name is returned checked.
+    With ``context_parallel``, ``auto`` skips kernels that diffusers cannot split across devices.
 
     Raises :class:`AttentionBackendError` for an unknown name or one whose package is missing.
     """
@@ -120,7 +123,12 @@ def resolve_attention_backend(backend: str, device: torch.device) -> str:
         usable = [
             name
             for name in AUTO_ATTENTION_CANDIDATES
-            if device.type == "cuda" and _missing_requirement(AttentionBackendName(name)) is None
+            if device.type == "cuda"
+            and _missing_requirement(AttentionBackendName(name)) is None
+            and (
+                not context_parallel
+                or _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(name))
+            )
         ]
         return usable[0] if usable else AttentionBackendName.NATIVE.value
     name = _backend_name(backend)
@@ -260,7 +268,12 @@ class UniViGUBlock(nn.Module):
         """``query (B, Sq, H, hd)`` over ``key, value (B, Sk, H, hd)``, then ``to_out`` -> ``(B, Sq, D)``."""
         attn = self.attn1
         out = dispatch_attention_fn(
-            query, key, value, attn_mask=key_mask, backend=attn.processor._attention_backend
+            query,
+            key,
+            value,
+            attn_mask=key_mask,
+            backend=attn.processor._attention_backend,
+            parallel_config=attn.processor._parallel_config,  # Ulysses under sequence parallelism
         )
         out = out.flatten(2, 3).type_as(query)  # (B, Sq, D)
         return attn.to_out[1](attn.to_out[0](out))
@@ -393,6 +406,7 @@ class UniViGUTransformer(nn.Module):
         self.gradient_checkpointing = False
         self.compiled = False
         self._attention_backend: str = AttentionBackendName.NATIVE.value
+        self.parallel: ParallelPlan | None = None
 
     @property
     def device(self) -> torch.device:
@@ -407,14 +421,37 @@ class UniViGUTransformer(nn.Module):
         """The diffusers dispatch backend every attention uses ("native" unless set)."""
         return self._attention_backend
 
-    def set_attention_backend(self, backend: str) -> None:
+    def set_attention_backend(self, backend: str, *, context_parallel: bool = False) -> None:
         """Route every attention through diffusers' dispatch ``backend`` ("native", "flash", "sage", ...);
         ``auto`` picks one for this network's device (:func:`resolve_attention_backend`)."""
-        name = AttentionBackendName(resolve_attention_backend(backend, self.device))
+        name = AttentionBackendName(
+            resolve_attention_backend(backend, self.device, context_parallel=context_parallel)
+        )
         for module in self.modules():
             if isinstance(module, WanAttention):
                 module.processor._attention_backend = name
         self._attention_backend = name.value
+
+    def enable_parallelism(self, plan: ParallelPlan) -> None:
+        """Run every later pass on ``plan``'s group of devices (see :mod:`model.parallel`); inference only.
+
+        Call it on every rank, after :meth:`set_attention_backend`. Raises
+        :class:`InvalidParameterError` for a sequence degree that does not divide the head count and
+        :class:`AttentionBackendError` for a backend without diffusers' context-parallel support.
+        """
+        check_degrees(plan.guidance, plan.sequence, self.config.num_attention_heads)
+        backend = AttentionBackendName(self._attention_backend)
+        if plan.attention is not None and not _AttentionBackendRegistry._is_context_parallel_available(
+            backend
+        ):
+            supported = sorted(_AttentionBackendRegistry._supports_context_parallel)
+            raise AttentionBackendError(
+                f"attention backend {backend.value!r} cannot split the sequence across devices; use one of "
+                f"{supported} or sequence_parallel 1"
+            )
+        for block in self.blocks:
+            block.attn1.processor._parallel_config = plan.attention
+        self.parallel = plan
 
     def _key_mask(self, text_mask: torch.Tensor | None, num_video: int) -> torch.Tensor | None:
         """``text_mask (B, L)`` -> key padding mask ``(B, 1, 1, Nv + L)``, or None when nothing is padded."""
@@ -489,9 +526,29 @@ class UniViGUTransformer(nn.Module):
     ) -> torch.Tensor:
         """``hidden (B, Nv + L, D)`` through ``blocks`` (default: all of them, in order) -> the same shape.
 
-        With ``kept``, every block appends its self-attention key and value ``(B, Nv + L, H, hd)``.
+        With ``kept``, every block appends its self-attention key and value ``(B, Nv + L, H, hd)``. Under
+        :meth:`enable_parallelism` each rank runs the blocks on its share of rows and tokens, and every
+        rank returns the whole result; it keeps no keys and values (a rank holds only its share of them).
         """
-        for block in self.blocks if blocks is None else blocks:
+        blocks = self.blocks if blocks is None else blocks
+        if self.parallel is None:
+            return self._run_blocks(hidden, state, blocks, kept)
+        if kept is not None:
+            raise InvalidParameterError(
+                "video_reuse needs the whole job on one device; this network is split across several",
+                param="video_reuse",
+            )
+        local = self.parallel.split(hidden, state)
+        return self.parallel.join(self._run_blocks(local.hidden, local.state, blocks), local)
+
+    def _run_blocks(
+        self,
+        hidden: torch.Tensor,
+        state: PassState,
+        blocks: Iterable[UniViGUBlock],
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        for block in blocks:
             args = (
                 hidden,
                 state.context,

@@ -182,6 +182,9 @@ class UniViGUPipeline:
         self.base_wan_dir = base_wan_dir
         self.preset = preset
         self.vae_tiling = VaeTiling()
+        # False on the followers of a worker group: the leader decodes and writes the video, a follower's
+        # result is dropped, so its VAE decode would be wasted (its frames come back empty).
+        self.decode_video = True
         if len(text.tokenizer) > transformer.config.vocab_size:
             raise CheckpointError(
                 f"the tokenizer has {len(text.tokenizer)} tokens but the transformer's vocabulary has "
@@ -765,7 +768,10 @@ class UniViGUPipeline:
         return self.vae.encode(pixels).latent_dist.sample(generator)
 
     def _decode(self, latent: torch.Tensor) -> np.ndarray:
-        """Raw latent ``(1, C, f, h, w)`` -> uint8 frames ``(T, H, W, 3)``."""
+        """Raw latent ``(1, C, f, h, w)`` -> uint8 frames ``(T, H, W, 3)``; ``(0, 0, 0, 3)`` without
+        :attr:`decode_video`."""
+        if not self.decode_video:
+            return np.empty((0, 0, 0, 3), dtype=np.uint8)
         scale = self.vae.spatial_compression_ratio
         self._set_vae_tiling(scale * latent.shape[-2], scale * latent.shape[-1])
         return pixels_to_frames(self.vae.decode(latent.float()).sample[0])

@@ -82,10 +82,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read the same settings."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("UNIVIGU_")}
     env.pop("REDIS_URL", None)
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        env[f"UNIVIGU_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
-    return env
+    return env | settings.environment()
 
 
 class WorkerProcess:
@@ -172,7 +169,7 @@ def assert_envelope(response: Any, status: int, code: str, param: str | None = N
     return body["error"]
 
 
-def queued(store: JobStore, job_id: str = "j1") -> str:
+def queued(store: JobStore, job_id: str = "j1", *, webhook: str | None = None) -> str:
     """Record a queued generate job directly in the store (no rq queue involved); returns its id."""
     store.create(
         job_id,
@@ -183,5 +180,6 @@ def queued(store: JobStore, job_id: str = "j1") -> str:
         enqueue=lambda pipeline: None,
         admit=lambda: None,
         queue_key="unused-queue",
+        webhook=webhook,
     )
     return job_id

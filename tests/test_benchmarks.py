@@ -26,6 +26,7 @@ from benchmarks import (
     end_to_end,
     fast_path,
     latent_cache,
+    multi_gpu,
     step_cache,
     transformer_step,
     vae_tiling,
@@ -336,3 +337,36 @@ def test_fast_path_main_rejects_unknown_variants_before_running(monkeypatch: pyt
     monkeypatch.setattr(fast_path, "run", lambda args: pytest.fail("ran with an unknown variant"))
     with pytest.raises(SystemExit, match=r"unknown variants \['bogus'\]"):
         fast_path.main()
+
+
+def test_multi_gpu_paper_splits_the_one_gpu_step_and_marks_impossible_layouts() -> None:
+    rows = multi_gpu.paper(multi_gpu.parser().parse_args(["paper"]))["rows"]
+    real = transformer_step.SIZES["real"]
+    by_layout = {(row["workload"], row["layout"]): row for row in rows}
+    for workload in multi_gpu.WORKLOADS:
+        whole = transformer_step.forward_flops(
+            real.config, real.latent, workload.text_tokens, real.context_tokens, batch=workload.batch
+        )["total"]
+        single = by_layout[(workload.name, "1 x 1")]
+        assert single["tflop_per_gpu"] * 1e12 == pytest.approx(whole)
+        assert single["link_ms"] == 0 and single["speedup"] == 1
+        assert "does not divide the 12 heads" in by_layout[(workload.name, "1 x 8")]["note"]
+        for layout in ("1 x 2", "2 x 2", "1 x 4", "2 x 4"):
+            row = by_layout[(workload.name, layout)]
+            assert row["all_to_all_mib"] > 0 and 1 < row["speedup"] < row["gpus"]
+    guided, caption = (by_layout[(w.name, "2 x 1")] for w in multi_gpu.WORKLOADS)
+    half = by_layout[(guided["workload"], "1 x 1")]["tflop_per_gpu"] / 2
+    assert guided["tflop_per_gpu"] == pytest.approx(half, rel=1e-3)  # plus the heads, run on every rank
+    assert caption["speedup"] == 1, "a caption has no guidance to split"
+
+
+@pytest.mark.slow
+def test_multi_gpu_measure_runs_on_a_two_process_group() -> None:
+    from gloo_group import run_on_group
+
+    args = multi_gpu.parser().parse_args(["measure", "--size", "tiny", "--repeats", "1", "--warmup", "0"])
+    results = run_on_group(2, multi_gpu.measure, args)
+    assert all((r["guidance_parallel"], r["sequence_parallel"]) == (1, 2) for r in results)
+    for row in results[0]["rows"]:
+        assert row["layout"] == "1 x 2"
+        assert_number(row["step_s"], positive=True)

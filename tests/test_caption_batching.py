@@ -26,7 +26,7 @@ from service.contract.result_files import ResultFiles
 from service.contract.schemas import JobRecord, JobStatus, JobType
 from service.contract.store import JobStore
 from worker import tasks
-from worker.runner import JobRunner
+from worker.runner import CaptionBatching, JobRunner
 
 CAPTION = {"steps": 4, "max_tokens": 8}
 
@@ -95,8 +95,7 @@ def service(redis_server: RedisServer, tmp_path: Path, pipe: UniViGUPipeline) ->
         metrics=WorkerMetrics(),
         worker_name="w1",
         finish_retry_seconds=5,
-        queue=queue,
-        caption_batch_size=3,
+        batching=CaptionBatching(pipe, queue, max_size=3),
     )
     (tmp_path / "videos").mkdir()
     yield Service(store, queue, files, runner, tmp_path / "videos")
@@ -189,7 +188,7 @@ def test_a_claim_takes_only_jobs_still_queued_and_still_in_the_queue(service) ->
     service.store.cancel(canceled)  # canceled while queued; the gateway's queue.remove has not run yet
     ids = [taken, canceled, free]
     entries = [service.queue.entry_key(job_id) for job_id in ids]
-    assert service.store.claim(ids, "w2", queue_key=service.queue.key, queue_entries=entries) == [free]
+    assert service.store.claim_queued(ids, "w2", queue_key=service.queue.key, queue_entries=entries) == [free]
     record = service.record(free)
     assert (record.status, record.worker) == (JobStatus.running, "w2")
     assert service.store.running_count() == 1 and service.store.lost_jobs() == []  # its heartbeat is set
@@ -197,4 +196,6 @@ def test_a_claim_takes_only_jobs_still_queued_and_still_in_the_queue(service) ->
     assert not service.store.redis.exists(RqJob.key_for(free))
     assert service.record(taken).status == JobStatus.queued  # the other worker's store.start decides it
     assert service.record(canceled).status == JobStatus.canceled
-    assert service.store.claim([free], "w3", queue_key=service.queue.key, queue_entries=entries[2:]) == []
+    assert (
+        service.store.claim_queued([free], "w3", queue_key=service.queue.key, queue_entries=entries[2:]) == []
+    )

@@ -3,8 +3,9 @@
 Dockerfile, docker-compose.yml and deploy/ (Prometheus, Grafana, Redis) must agree with the code: every
 command parses with the real ``univigu`` argument parser, every ``UNIVIGU_*`` variable is a field of
 :class:`service.contract.settings.Settings` and the values validate, ports and volumes agree between services,
-Prometheus scrapes the ports the code listens on, and every metric in the dashboard is one the code's
-registries export. Compose files are read after interpolation with every variable unset (the defaults).
+Prometheus scrapes the ports the code listens on, the health checks probe them, and every metric in the
+dashboard is one the code's registries export. Compose files are read after interpolation with every
+variable unset (the defaults), except the secrets the user must set (:data:`REQUIRED_VARIABLES`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
+from prometheus_client import start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
 from model.config import PRESETS
+from service.cli import healthcheck
 from service.cli.main import build_parser
+from service.cli.redis_server import free_port
 from service.contract.metrics import GatewayMetrics, WorkerMetrics
 from service.contract.settings import Settings
 from service.gateway.routes import health
@@ -39,6 +43,8 @@ MODEL_SOURCES = {"UNIVIGU_PRESET", "UNIVIGU_WEIGHTS", "UNIVIGU_WAN", "UNIVIGU_CH
 WEIGHT_PATTERNS = ("*.safetensors", "*.pth", "*.pt", "*.ckpt", "*.bin")
 TOY_MODEL = REPO / "model" / "assets" / "toy"
 TOY_MODEL_IN_IMAGE = "/opt/univigu/toy"
+REQUIRED_VARIABLES = {"GRAFANA_ADMIN_PASSWORD"}
+"""Secrets compose refuses to start without (``${X:?message}``): no default is safe for them."""
 
 
 # --- reading the files --------------------------------------------------------------------------------
@@ -46,13 +52,18 @@ _INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 
 
 def interpolate(text: str) -> str:
-    """Compose interpolation with every variable unset: ``${X:-default}`` gives the default."""
+    """Compose interpolation with every variable unset: ``${X:-default}`` gives the default; a required
+    variable (``${X:?message}``, only those in :data:`REQUIRED_VARIABLES`) reads as ``<X>``."""
 
     def value(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         operator = match.group(2) or ""
-        assert "?" not in operator, f"{match.group(0)}: a required variable; give it a default"
+        if "?" in operator:
+            assert match.group(1) in REQUIRED_VARIABLES, (
+                f"{match.group(0)}: a required variable; give it a default"
+            )
+            return f"<{match.group(1)}>"
         return match.group(3) or ""
 
     return _INTERPOLATION.sub(value, text)
@@ -132,6 +143,7 @@ RUNTIME = STAGES[-1]
 IMAGE_ENV = RUNTIME.env()
 ENTRYPOINT = exec_form(RUNTIME.all("ENTRYPOINT")[-1])
 CMD = exec_form(RUNTIME.all("CMD")[-1])
+RUNTIME_HEALTHCHECK = exec_form(RUNTIME.all("HEALTHCHECK")[-1].split("CMD", 1)[1].strip())
 
 
 OUR_IMAGES = {service.get("image") for service in SERVICES.values() if "build" in service}
@@ -150,7 +162,7 @@ def command(name: str) -> list[str]:
     service = SERVICES[name]
     entrypoint = service.get("entrypoint", ENTRYPOINT)
     entrypoint = shlex.split(entrypoint) if isinstance(entrypoint, str) else entrypoint
-    assert entrypoint == ["univigu"], f"{name}: entrypoint {entrypoint} is not the univigu console script"
+    assert entrypoint == ENTRYPOINT, f"{name}: entrypoint {entrypoint} is not the image's (tini, univigu)"
     args = service.get("command", CMD)
     return shlex.split(args) if isinstance(args, str) else [str(arg) for arg in args]
 
@@ -183,11 +195,6 @@ def url_port(url: str) -> int:
     parts = urlsplit(url)
     assert parts.port is not None, f"{url} names no port"
     return parts.port
-
-
-def healthcheck_urls(name: str) -> list[str]:
-    test = SERVICES[name].get("healthcheck", {}).get("test", [])
-    return re.findall(r"https?://[^\s'\"]+", " ".join(test) if isinstance(test, list) else test)
 
 
 def published_container_ports(name: str) -> set[int]:
@@ -237,7 +244,7 @@ _SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum",
 
 def exported_metrics() -> dict[str, set[str]]:
     """Every sample name the gateway's and a worker's registries export, with its label names."""
-    store = SimpleNamespace(running_count=lambda: 1, live_workers=lambda ttl: 1)
+    store = SimpleNamespace(running_count=lambda: 1, live_workers=lambda ttl: 1, webhook_backlog=lambda: 0)
     queue = SimpleNamespace(name="univigu", depth=lambda: 1)
     owners = [GatewayMetrics(store, queue, worker_ttl_seconds=10.0), WorkerMetrics()]  # type: ignore[arg-type]
     exported: dict[str, set[str]] = {}
@@ -308,10 +315,15 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 # --- commands and the image ---------------------------------------------------------------------------
-def test_the_entrypoint_is_the_univigu_console_script() -> None:
+def test_the_entrypoint_is_the_univigu_console_script_under_tini() -> None:
+    """tini is PID 1 (see tests/test_container_init.py for what that changes), from Debian's package."""
     assert PYPROJECT["project"]["scripts"]["univigu"] == "service.cli.main:main"
-    assert ENTRYPOINT == ["univigu"]
+    assert ENTRYPOINT == ["/usr/bin/tini", "--", "univigu"]
     assert CMD == ["gateway"]
+    installs = [args for args in RUNTIME.all("RUN") if "apt-get install" in args]
+    assert any(re.search(r"apt-get install [^&]*\btini\b", args) for args in installs), installs
+    for name in OUR_SERVICES:
+        assert not SERVICES[name].get("init"), f"{name}: `init: true` would put a second init above tini"
 
 
 def documented_runs() -> list[list[str]]:
@@ -354,14 +366,63 @@ def test_the_runtime_image_runs_as_a_non_root_user() -> None:
     assert users[-1].split(":")[0] not in {"root", "0"}, users[-1]
 
 
-def test_the_runtime_image_has_a_healthcheck_on_the_gateway() -> None:
+def image_probe(args: list[str], monkeypatch: pytest.MonkeyPatch) -> healthcheck.Probe | None:
+    """What the image's health check probes in a container running `univigu ARGS` with the image's ENV."""
+    for key in list(os.environ):
+        if key.startswith("UNIVIGU_") or key == "REDIS_URL":
+            monkeypatch.delenv(key)
+    for key, value in IMAGE_ENV.items():
+        if key in SETTING_VARIABLES:
+            monkeypatch.setenv(key, value)
+    return healthcheck.probe_for(build_parser().parse_args(args), Settings())
+
+
+def test_the_image_health_check_is_right_for_every_role(monkeypatch: pytest.MonkeyPatch) -> None:
     (check,) = RUNTIME.all("HEALTHCHECK")
-    probe = exec_form(check[check.index("CMD") + 3 :].strip())
-    script = " ".join(probe)
-    paths = {route.path for route in health.router.routes}  # type: ignore[attr-defined]
-    assert "/healthz" in paths and "/healthz" in script, script
-    port_default = re.search(r"UNIVIGU_PORT', '(\d+)'", script)
-    assert port_default and int(port_default.group(1)) == Settings.model_fields["port"].default
+    probe_command = exec_form(check[check.index("CMD") + 3 :].strip())
+    assert probe_command[0] == ENTRYPOINT[-1], "the health check runs the univigu console script"
+    assert build_parser().parse_args(probe_command[1:]).handler is healthcheck.run
+    exposed = {int(p) for args in RUNTIME.all("EXPOSE") for p in args.split()}
+    health_paths = {route.path for route in health.router.routes}  # type: ignore[attr-defined]
+    probes = {tuple(args): image_probe(args, monkeypatch) for args in [CMD, *documented_runs()]}
+    roles = {args[0] for args in probes}
+    assert {"gateway", "worker", "train"} <= roles, roles
+    for args, probe in probes.items():
+        if args[0] == "gateway":
+            assert probe and urlsplit(probe.url).path in health_paths and not probe.needs_loaded_model
+            assert url_port(probe.url) == Settings.model_fields["port"].default
+        elif args[0] == "worker":
+            assert probe and probe.needs_loaded_model and urlsplit(probe.url).path == "/metrics"
+            assert url_port(probe.url) == int(IMAGE_ENV["UNIVIGU_WORKER_METRICS_PORT"])
+        else:
+            assert probe is None, f"`univigu {args[0]}` serves nothing, so nothing is probed"
+        assert probe is None or url_port(probe.url) in exposed, probe
+
+
+def test_a_workers_health_check_passes_once_its_model_has_loaded() -> None:
+    """Against a real exporter of the worker's metrics (what `univigu worker` serves while it loads)."""
+    metrics = WorkerMetrics()
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        probe = healthcheck.Probe(f"http://127.0.0.1:{port}/metrics", needs_loaded_model=True)
+        assert "has not loaded yet" in (healthcheck.check(probe) or "")
+        metrics.model_load.set(1.5)
+        assert healthcheck.check(probe) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert "Connection refused" in (healthcheck.check(probe) or "")
+
+
+def test_the_health_check_finds_the_command_behind_any_init() -> None:
+    command_line = b"/usr/bin/tini\0--\0univigu\0worker\0--device\0cuda:0\0"
+    assert healthcheck.container_command(command_line) == ["worker", "--device", "cuda:0"]
+    docker_init = b"/sbin/docker-init\0--\0/usr/bin/tini\0--\0/opt/venv/bin/univigu\0gateway\0"
+    assert healthcheck.container_command(docker_init) == ["gateway"]
+    with pytest.raises(ValueError, match="runs no univigu command"):
+        healthcheck.container_command(b"/bin/sh\0-c\0sleep 1\0")
 
 
 def test_the_image_is_offline_and_bakes_in_no_weights() -> None:
@@ -437,21 +498,30 @@ def test_the_cpu_profile_needs_no_weights(monkeypatch: pytest.MonkeyPatch) -> No
     assert TOY_MODEL_IN_IMAGE in DOCKERFILE_TEXT, "the image links the shipped toy model to a stable path"
 
 
-def test_one_gpu_worker_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    gpus: dict[str, str] = {}
+def test_gpu_workers_and_groups_do_not_share_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within a profile no two services reserve one GPU. Inside a container its GPUs are numbered from 0:
+    a one-GPU worker uses cuda:0, a worker group lists cuda:0 ... cuda:n-1 for its n GPUs."""
+    taken: dict[tuple[str, str], str] = {}  # (profile, GPU id) -> service
     for name in OUR_SERVICES:
         reservations = SERVICES[name].get("deploy", {}).get("resources", {}).get("reservations", {})
         devices = reservations.get("devices", [])
         if not devices:
             continue
-        assert role(name) == "worker" and SERVICES[name].get("profiles") == ["gpu"], name
+        profiles = SERVICES[name].get("profiles")
+        assert role(name) == "worker" and profiles and all(p.startswith("gpu") for p in profiles), name
         (device,) = devices
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], device
-        (gpu,) = device["device_ids"]
-        assert gpu not in gpus.values(), f"{name} and another worker share GPU {gpu}"
-        gpus[name] = gpu
-        assert settings_of(name, monkeypatch).device == "cuda:0", "one GPU is visible: cuda:0"
-    assert gpus, "no worker reserves an NVIDIA GPU"
+        for profile in profiles:
+            for gpu in device["device_ids"]:
+                assert (profile, gpu) not in taken, f"{name} and {taken[(profile, gpu)]} share GPU {gpu}"
+                taken[(profile, gpu)] = name
+        settings = settings_of(name, monkeypatch)
+        visible = [f"cuda:{index}" for index in range(len(device["device_ids"]))]
+        if len(visible) == 1:
+            assert settings.device == "cuda:0" and not settings.devices, "one GPU is visible: cuda:0"
+        else:
+            assert settings.devices == visible, f"{name} reserves {len(visible)} GPUs: devices {visible}"
+    assert taken, "no worker reserves an NVIDIA GPU"
 
 
 # --- ports, volumes, dependencies -----------------------------------------------------------------------
@@ -466,8 +536,9 @@ def test_ports_agree(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert target_ports().get(name) == [port], (
         f"Prometheus scrapes {name} on {target_ports().get(name)}, not {port}"
     )
-    urls = healthcheck_urls(name)
-    assert urls and all(url_port(url) == port for url in urls), f"{name} healthcheck {urls} is not on {port}"
+    assert SERVICES[name]["healthcheck"]["test"] == ["CMD", *RUNTIME_HEALTHCHECK], f"{name}: not the image's"
+    probe = healthcheck.probe_for(build_parser().parse_args(command(name)), settings)
+    assert probe and url_port(probe.url) == port, f"{name}'s health check probes {probe}, not port {port}"
     exposed = {int(p) for args in RUNTIME.all("EXPOSE") for p in args.split()}
     assert port in exposed, f"the Dockerfile does not EXPOSE {port}"
 
@@ -550,6 +621,40 @@ def test_every_univigu_service_is_scraped() -> None:
         assert name in target_ports(), f"Prometheus does not scrape {name}"
 
 
+# --- laptop defaults and building --------------------------------------------------------------------------
+def test_published_ports_are_on_the_loopback_unless_the_user_opts_in() -> None:
+    for name, service in SERVICES.items():
+        for entry in service.get("ports", []):
+            assert str(entry).startswith("127.0.0.1:"), f"{name} publishes {entry} on every interface"
+    (gateway_port,) = SERVICES["gateway"]["ports"]
+    raw = re.search(r"^\s*- \"(\$\{PUBLISH_ADDRESS:-127\.0\.0\.1\}:[^\"]*:8000)\"", COMPOSE_TEXT, re.M)
+    assert raw and interpolate(raw.group(1)) == gateway_port, "PUBLISH_ADDRESS opens the gateway to others"
+
+
+def test_grafana_needs_an_admin_password() -> None:
+    password = SERVICES["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password == "<GRAFANA_ADMIN_PASSWORD>", "Grafana's admin password has a default"
+    message = re.search(r"\$\{GRAFANA_ADMIN_PASSWORD:\?([^}]+)\}", COMPOSE_TEXT)
+    assert message and "GRAFANA_ADMIN_PASSWORD" in message.group(1) and ".env" in message.group(1)
+
+
+def test_compose_builds_the_image_with_the_dockerfiles_defaults() -> None:
+    """Compose's build arguments come from .env (a CPU-only image stays CPU-only on `up --build`), and
+    unset they are the Dockerfile's own defaults."""
+    builder_args = {key: value for key, _, value in (a.partition("=") for a in STAGES[0].all("ARG"))}
+    defaults = {**DOCKER_ARGS, **builder_args}
+    for name in OUR_SERVICES:
+        build = SERVICES[name].get("build")
+        if build is None:
+            continue
+        args = build["args"]
+        assert build["context"] == "." and args, name
+        assert args == {key: defaults[key] for key in args}, (
+            f"{name}: {args} are not the Dockerfile's defaults"
+        )
+        assert {"CUDA_IMAGE", "TORCH_INDEX_URL"} <= set(args) <= set(interpolation_variables(COMPOSE_TEXT))
+
+
 # --- Grafana ----------------------------------------------------------------------------------------------
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
     (source,) = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())[
@@ -593,6 +698,9 @@ def test_dashboard_metrics_are_exported(where: str, expr: str) -> None:
 
 
 def test_healthcheck_metrics_are_exported() -> None:
+    assert healthcheck.LOADED_METRIC in EXPORTED, (
+        "the worker's health check reads a metric no registry exports"
+    )
     for name in SERVICES:
         test = " ".join(SERVICES[name].get("healthcheck", {}).get("test", []))
         for metric in re.findall(r"univigu_\w+", test):

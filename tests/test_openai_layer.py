@@ -3,14 +3,17 @@ native status, failed-job errors, and the error shape under /v1/ (and only there
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
+import openai
 import pytest
 from conftest import assert_envelope, queued
 from fastapi.testclient import TestClient
 
 from service.contract.schemas import ErrorInfo, Job, JobResult, JobStatus, JobType, ServedModel
 from service.contract.settings import Settings
+from service.gateway.app import create_app
 from service.gateway.errors import HttpError, failed_job_error
 from service.gateway.openai.videos import frames_for, parse_size, seconds_text, to_video
 
@@ -187,3 +190,22 @@ def test_native_and_v1_reads_of_one_record_agree(client: TestClient) -> None:
     }
     assert_envelope(client.get(f"/jobs/{job_id}"), 404, "job_not_found")
     assert client.get("/v1/videos").json()["data"] == []
+
+
+def test_a_rate_limited_v1_request_raises_the_sdks_rate_limit_error(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """A 429 under /v1/ is written in OpenAI's shape, so the official SDK raises its RateLimitError
+    (with the Retry-After header), while the native API keeps its own envelope."""
+    settings = settings_factory(rate_limit_per_second=0.01, rate_limit_burst=1)
+    with TestClient(create_app(settings)) as http:
+        http.app.state.services.store.publish_model(TINY)  # type: ignore[attr-defined]
+        sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http, max_retries=0)
+        sdk.models.list()  # spends the one token of the burst
+        with pytest.raises(openai.RateLimitError) as raised:
+            sdk.models.list()
+        assert raised.value.status_code == 429
+        assert raised.value.code == "rate_limited"
+        assert int(raised.value.response.headers["retry-after"]) >= 1
+        assert raised.value.body["type"] == "rate_limit_error"  # type: ignore[index]
+        assert_envelope(http.get("/jobs"), 429, "rate_limited")

@@ -14,7 +14,7 @@ from model.limits import MODE_OPTIONS, OPTIONS, Mode
 from model.pipeline import UniViGUPipeline
 from service.cli.main import build_parser
 from service.client import Client
-from service.contract.schemas import PARAMS_BY_TYPE, JobType, build_request_models
+from service.contract.schemas import PARAMS_BY_TYPE, WEBHOOK_FIELD, JobType, build_request_models
 from service.contract.settings import Settings
 
 MODES: tuple[Mode, ...] = ("generate", "joint", "caption")
@@ -49,8 +49,10 @@ def test_the_client_takes_the_declared_options(mode: Mode) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_the_api_schemas_take_the_declared_options(mode: Mode) -> None:
     models = build_request_models(Settings())
-    for schema in (PARAMS_BY_TYPE[JobType(mode)], getattr(models, mode)):
-        fields = dict(schema.model_fields)
+    params, request = PARAMS_BY_TYPE[JobType(mode)], getattr(models, mode)
+    assert WEBHOOK_FIELD in request.model_fields and WEBHOOK_FIELD not in params.model_fields
+    for schema in (params, request):
+        fields = {name: field for name, field in schema.model_fields.items() if name != WEBHOOK_FIELD}
         if mode != "caption":
             assert fields.pop(INPUT[mode]).annotation is str
         assert {name: field.annotation for name, field in fields.items()} == declared(mode), schema

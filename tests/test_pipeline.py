@@ -90,11 +90,30 @@ def test_negative_prompt_changes_the_video(pipe) -> None:
     assert not np.array_equal(plain.frames, negative.frames)
 
 
+# Fixed-seed outputs of the tiny preset (random weights built from seed 0), pinned so that a change of the
+# samplers, the network or the pipeline's order of random draws shows up as a failing test.
+TINY_VIDEO_MEAN = 125.98583505667892  # generate(PROMPT, steps=2, seed=1): mean pixel value
+TINY_VIDEO_SLICE = [134, 140, 109, 117, 152, 119, 125, 134]  # frame 0 row 0 red; last frame last row blue
+TINY_CAPTION = [301, 226, 296, 194, 319, 73, 362, 24, 207, 265]  # caption(that video, 3 steps, seed 2)
+TINY_CAPTION_TEXT = "standing same drifting may 13 seconds 56 box number went"
+TINY_JOINT = [266, 47, 311, 69, 313, 278, 192, 199, 222, 211, 264, 122]  # joint(PROMPT, 3 steps, seed 4)
+TINY_JOINT_TEXT = "were diameter 5 per 7 year man must quite other well any"
+CLI_CAPTION_TOKENS = [222, 279, 273, 42, 322, 148, 283, 282, 285, 155, 321, 156, 245, 281, 367, 93, 161, 168]
+CLI_CAPTION_TOKENS += [136, 220, 26, 225, 53, 102]  # `univigu caption` of the CLI's video, 2 steps, seed 5
+
+
+def test_generate_and_caption_give_the_pinned_outputs(pipe) -> None:
+    frames = pipe.generate(PROMPT, steps=2, seed=1).frames
+    assert frames.astype(np.float64).mean() == pytest.approx(TINY_VIDEO_MEAN, abs=0.05)
+    observed = frames[0, 0, :4, 0].tolist() + frames[-1, -1, -4:, 2].tolist()
+    np.testing.assert_allclose(observed, TINY_VIDEO_SLICE, atol=1)
+    caption = pipe.caption(frames, steps=3, max_tokens=10, seed=2)
+    assert caption.tokens == TINY_CAPTION
+    assert caption.text == TINY_CAPTION_TEXT
+
+
 def test_caption_from_frames_and_from_a_file(pipe, tmp_path: Path) -> None:
     frames = pipe.generate(PROMPT, steps=2, seed=1).frames
-    from_frames = pipe.caption(frames, steps=3, max_tokens=10, seed=2)
-    assert isinstance(from_frames.text, str) and from_frames.text
-    assert len(from_frames.tokens) == 10
     path = write_mp4(frames, tmp_path / "clip.mp4", fps=pipe.defaults.fps)
     from_file = pipe.caption(path, steps=3, seed=2, prompt="a red circle")
     assert isinstance(from_file.text, str)
@@ -105,7 +124,7 @@ def test_joint_gives_a_video_and_its_text(pipe) -> None:
     steps: list[int] = []
     result = pipe.joint(PROMPT, steps=3, seed=4, max_tokens=12, progress=lambda s, n: steps.append(s))
     assert result.frames.shape == (pipe.defaults.num_frames, pipe.defaults.height, pipe.defaults.width, 3)
-    assert isinstance(result.text, str) and len(result.tokens) == 12
+    assert (result.tokens, result.text) == (TINY_JOINT, TINY_JOINT_TEXT)
     assert steps == [1, 2, 3]
     assert result.tokens == pipe.joint(PROMPT, steps=3, seed=4, max_tokens=12).tokens
 
@@ -291,12 +310,36 @@ def test_command_line_generate_and_caption(tmp_path: Path) -> None:
         "2",
         "--video-reuse",
         "2",
+        "--seed",
+        "5",
         "--out",
         str(tmp_path / "c.json"),
         cwd=REPO,
     )
     assert done.returncode == 0, done.stderr
-    assert isinstance(json.loads((tmp_path / "c.json").read_text())["caption"], str)
+    assert done.stdout.strip() == str(tmp_path / "c.json")
+    # The video went through an MP4 round trip, so these pin the command line's whole path.
+    assert json.loads((tmp_path / "c.json").read_text()) == {
+        "caption": "quite yes why px 16 each four zero six get 15 go thing your 61 coloured had him can point "
+        "moving road big shows",
+        "seed": 5,
+        "tokens": CLI_CAPTION_TOKENS,
+    }
+
+
+def test_command_line_joint_writes_the_video_and_its_pinned_text(tmp_path: Path) -> None:
+    out = tmp_path / "j.mp4"
+    done = _cli(
+        "joint", "a blue square moving up", "--preset", "tiny", "--steps", "2", "--seed", "3",
+        "--max-tokens", "6", "--out", str(out), cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert decoded_frame_count(out) == 17
+    assert json.loads(out.with_suffix(".json").read_text()) == {
+        "caption": "blue brown 8 when 57 world",
+        "seed": 3,
+        "tokens": [8, 17, 314, 268, 363, 276],
+    }
 
 
 def test_command_line_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:

@@ -1,18 +1,21 @@
-"""Finished jobs expire with their files: the record after result_ttl_seconds, the files at the next clean-up."""
+"""Finished jobs expire with their files: the record after result_ttl_seconds, the files at the next
+clean-up, and only files whose expiry was recorded with them (a fresh or foreign Redis deletes nothing)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from conftest import assert_envelope, wait_for
+import pytest
+from conftest import assert_envelope, queued, wait_for
 from fastapi.testclient import TestClient
 
+from service.contract.connection import connect_redis, job_store
+from service.contract.result_files import ResultFiles
 from service.contract.schemas import JobResult, JobStatus
 from service.contract.settings import Settings
 from service.gateway.app import create_app
-from service.gateway.maintenance import UPLOAD_GRACE_SECONDS
 
 
 def test_results_expire_and_are_deleted(settings_factory: Callable[..., Settings]) -> None:
@@ -27,15 +30,48 @@ def test_results_expire_and_are_deleted(settings_factory: Callable[..., Settings
         services.store.finish(
             job_id, JobStatus.succeeded, result=JobResult(video_url=f"/jobs/{job_id}/video")
         )
+        services.files.record_expiry(job_id, settings.result_ttl_seconds)  # as the worker does
         assert client.get(f"/jobs/{job_id}/video").content == b"an mp4"
-        stale_upload = services.files.upload("f" * 32)
-        stale_upload.write_bytes(b"abandoned")
-        old = time.time() - UPLOAD_GRACE_SECONDS - 1
-        os.utime(stale_upload, (old, old))
-        fresh_upload = services.files.upload("e" * 32)
-        fresh_upload.write_bytes(b"still streaming")
 
         wait_for(lambda: not services.files.job_dir(job_id).exists(), timeout=15, what="the files to go")
         assert_envelope(client.get(f"/jobs/{job_id}"), 404, "job_not_found")
-        assert not stale_upload.exists()
-        assert fresh_upload.exists()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> ResultFiles:
+    files = ResultFiles(tmp_path / "results")
+    files.ensure_dirs()
+    return files
+
+
+def job_with_files(files: ResultFiles, job_id: str, *, expires_in: float | None) -> str:
+    files.video_target(job_id).write_bytes(b"an mp4")
+    files.upload(job_id).write_bytes(b"its input")
+    if expires_in is not None:
+        files.record_expiry(job_id, expires_in)
+    return job_id
+
+
+def test_the_cleaner_deletes_only_what_has_provably_expired(settings: Settings, files: ResultFiles) -> None:
+    # `settings` has a namespace no job was ever written to: a fresh Redis as far as these files know.
+    store = job_store(settings, connect_redis(settings))
+    expired = job_with_files(files, "expired", expires_in=-1)
+    not_yet = job_with_files(files, "not-yet", expires_in=3600)
+    unrecorded = job_with_files(files, "unrecorded", expires_in=None)  # e.g. written before this rule
+    still_held = job_with_files(files, "held", expires_in=-1)
+    queued(store, still_held)  # Redis still holds its record: the files stay with it
+
+    assert files.clean_expired(store) == 1
+    assert not files.job_dir(expired).exists()
+    assert not files.upload(expired).exists()
+    for kept in (not_yet, unrecorded, still_held):
+        assert files.video(kept).read_bytes() == b"an mp4"
+        assert files.upload(kept).exists()
+
+
+def test_an_expiry_is_recorded_only_for_a_job_with_files(files: ResultFiles) -> None:
+    files.record_expiry("nothing-written", 60)
+    assert not files.job_dir("nothing-written").exists()
+    files.upload("upload-only").write_bytes(b"its input")
+    files.record_expiry("upload-only", 60)
+    assert files.expires_at("upload-only") == pytest.approx(time.time() + 60, abs=5)

@@ -144,7 +144,9 @@ def test_success_writes_the_video_and_result_atomically(runner: JobRunner) -> No
     done = run(runner)
     assert done.status == JobStatus.succeeded
     job_dir = runner.files.job_dir(done.id)
-    assert sorted(path.name for path in job_dir.iterdir()) == ["result.json", "video.mp4"]
+    assert sorted(path.name for path in job_dir.iterdir()) == ["expires_at", "result.json", "video.mp4"]
+    # The files' expiry is recorded after the record's, so it is no earlier.
+    assert runner.files.expires_at(done.id) >= done.expires_at.timestamp()
     assert done.result.video_url == f"/jobs/{done.id}/video"
     assert (done.result.num_frames, done.result.height, done.result.width) == (5, 32, 32)
 

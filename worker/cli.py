@@ -8,12 +8,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.contract.settings import load_settings
 
 log = logging.getLogger("univigu")
 
+EXIT_CONFIGURATION = 2
+"""The worker's exit status when its settings keep it from starting (restarting it cannot help)."""
+
 SETTING_FLAGS = (
     "device",
+    "devices",
+    "guidance_parallel",
+    "sequence_parallel",
     "preset",
     "weights",
     "wan",
@@ -32,6 +40,22 @@ def register(commands: Any) -> None:
     """Add `worker` to the `univigu` subcommands (``commands`` is argparse's subparsers action)."""
     worker = commands.add_parser("worker", help="run one worker (one per GPU); loads the model once")
     worker.add_argument("--device", help="torch device, e.g. cuda:0 (UNIVIGU_DEVICE, default cpu)")
+    worker.add_argument(
+        "--devices",
+        help="a worker group: comma-separated devices that run every job together, e.g. cuda:0,cuda:1 "
+        "(UNIVIGU_DEVICES; starts torchrun, one process per device); see docs/multi-gpu.md",
+    )
+    worker.add_argument(
+        "--guidance-parallel",
+        type=int,
+        choices=[1, 2],
+        help="a worker group's guidance split: 2 runs the two passes of a guided step on two halves (default 1)",
+    )
+    worker.add_argument(
+        "--sequence-parallel",
+        type=int,
+        help="a worker group's token split: the devices that share each pass (default: the rest of the group)",
+    )
     source = worker.add_mutually_exclusive_group()
     source.add_argument("--preset", help="random-init preset, e.g. tiny")
     source.add_argument("--weights", type=Path, help="a folder in our saved format")
@@ -54,15 +78,22 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from worker.group import GroupLayoutError, in_torchrun
+    from worker.launch import launch_group
     from worker.loading import ModelSpec, ModelSpecError
-    from worker.main import serve
+    from worker.main import MetricsPortUnavailable, serve, serve_in_group
 
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
-    settings = load_settings(**overrides)
     try:
+        settings = load_settings(**overrides)
         spec = ModelSpec.from_settings(settings)
-    except ModelSpecError as exc:
+        if in_torchrun():
+            serve_in_group(settings, spec, name=args.name, burst=args.burst)
+        elif len(settings.devices) > 1:
+            return launch_group(settings, name=args.name, burst=args.burst, log_level=args.log_level)
+        else:
+            serve(settings, spec, name=args.name, burst=args.burst)
+    except (ValidationError, ModelSpecError, MetricsPortUnavailable, GroupLayoutError) as exc:
         log.error("%s", exc)
-        return 2
-    serve(settings, spec, name=args.name, burst=args.burst)
+        return EXIT_CONFIGURATION
     return 0

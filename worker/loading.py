@@ -17,6 +17,7 @@ from service.contract.settings import Settings
 
 if TYPE_CHECKING:
     from model.pipeline import UniViGUPipeline
+    from worker.group import GroupPipeline, WorkerGroup
 
 
 WARMUP_PROMPT = "a red circle moving left"
@@ -93,7 +94,7 @@ def load_pipeline(spec: ModelSpec) -> UniViGUPipeline:
     )
 
 
-def warm_up(pipeline: UniViGUPipeline, steps: int) -> dict[str, float]:
+def warm_up(pipeline: UniViGUPipeline | GroupPipeline, steps: int) -> dict[str, float]:
     """Run each mode once at the model's default size with ``steps`` steps; seconds per mode.
 
     Compilation (with ``compile``), kernel selection and the allocator's growth then happen before the
@@ -115,9 +116,13 @@ def warm_up(pipeline: UniViGUPipeline, steps: int) -> dict[str, float]:
     return seconds
 
 
-def describe_model(pipeline: UniViGUPipeline) -> ServedModel:
-    """What this worker serves, for the gateway's edge checks and ``GET /model``."""
+def describe_model(pipeline: UniViGUPipeline, group: WorkerGroup | None = None) -> ServedModel:
+    """What this worker (or the worker ``group`` it leads) serves, for the gateway's edge checks and
+    ``GET /model``."""
     return ServedModel(
+        devices=group.devices if group else [str(pipeline.device)],
+        guidance_parallel=group.plan.guidance if group else 1,
+        sequence_parallel=group.plan.sequence if group else 1,
         preset=pipeline.preset,
         max_caption_tokens=pipeline.defaults.max_caption_tokens,
         defaults=dataclasses.asdict(pipeline.defaults),

@@ -1,14 +1,16 @@
 """`univigu worker`: load the pipeline once, then run queued jobs in this process with rq's SimpleWorker.
 
-CUDA state does not survive rq's default fork-per-job, so jobs run in-process. Start one worker per GPU;
-any number of workers on any number of machines may share one Redis. A heartbeat thread marks this
-worker alive (for /readyz) and keeps the running jobs' heartbeats fresh (several for a caption batch); if the process dies, the
-gateway's reaper fails that job as ``worker_lost`` (see ``Settings.worker_lost_bound_seconds``). A Redis
-outage does not end the process: when rq's loop gives up on Redis, a fresh loop starts in it.
+CUDA state does not survive rq's default fork-per-job, so jobs run in-process. Start one worker per GPU,
+or one worker group per set of GPUs that share each job (:mod:`worker.group`); any number of workers on any
+number of machines may share one Redis. A heartbeat thread marks this worker alive (for /readyz) and
+keeps the running jobs' heartbeats fresh (several for a caption batch); if the process dies, the gateway's
+reaper fails them as ``worker_lost`` (see ``Settings.worker_lost_bound_seconds``). A Redis outage does
+not end the process: when rq's loop gives up on Redis, a fresh loop starts in it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -29,8 +31,9 @@ from service.contract.result_files import ResultFiles
 from service.contract.settings import Settings
 from service.contract.store import JobStore
 from worker import tasks
+from worker.group import WorkerGroup
 from worker.loading import ModelSpec, describe_model, load_pipeline, warm_up
-from worker.runner import JobRunner
+from worker.runner import CaptionBatching, JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +127,47 @@ def work_until_stopped(settings: Settings, *, name: str, burst: bool) -> None:
             return
 
 
+class MetricsPortUnavailable(RuntimeError):
+    """The worker's metrics port cannot be bound (taken, or not allowed); checked before the model loads."""
+
+
+def serve_metrics(metrics: WorkerMetrics, port: int) -> None:
+    try:
+        start_http_server(port, registry=metrics.registry)
+    except OSError as exc:
+        raise MetricsPortUnavailable(
+            f"the worker's metrics port {port} is unavailable ({exc.strerror}): set "
+            "UNIVIGU_WORKER_METRICS_PORT or `univigu worker --metrics-port` to a free port, or 0 to turn "
+            "the worker's metrics off"
+        ) from exc
+    log.info("worker metrics on :%d/metrics", port)
+
+
 def default_worker_name(device: str) -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{device.replace(':', '')}"
 
 
-def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst: bool = False) -> None:
+def serve(
+    settings: Settings,
+    spec: ModelSpec,
+    *,
+    name: str | None = None,
+    burst: bool = False,
+    group: WorkerGroup | None = None,
+) -> None:
     """Load the model, then work until SIGTERM/SIGINT (after the current job) or, with ``burst``, until
-    the queue is empty."""
+    the queue is empty. With ``group`` this is its leader, and every job runs on the whole group."""
     name = name or default_worker_name(spec.device)
     # A file-size limit (`ulimit -f`, a full quota) then fails writes with EFBIG, so the job fails with
     # storage_error and the worker keeps serving, instead of SIGXFSZ killing the worker (and ffmpeg).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
-        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+        serve_metrics(metrics, settings.worker_metrics_port)
     log.info("loading %s", spec.describe())
     started = time.monotonic()
     pipeline = load_pipeline(spec)
+    served = pipeline if group is None else group.lead(pipeline, settings.attention_backend)
     metrics.model_load.set(time.monotonic() - started)
     log.info(
         "model loaded in %.1f s; attention backend %s",
@@ -149,7 +175,7 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
         pipeline.transformer.attention_backend,
     )
     if settings.warmup_steps:
-        seconds = warm_up(pipeline, settings.warmup_steps)
+        seconds = warm_up(served, settings.warmup_steps)
         metrics.warmup.set(sum(seconds.values()))
         log.info(
             "warm-up (%d steps per mode) took %s",
@@ -161,18 +187,22 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
     files.ensure_dirs()
     redis = connect_redis(settings)
     store = job_store(settings, redis)
-    store.publish_model(describe_model(pipeline))
+    store.publish_model(describe_model(pipeline, group))
     runner = JobRunner(
-        pipeline,
+        served,
         store=store,
         files=files,
         metrics=metrics,
         worker_name=name,
         finish_retry_seconds=settings.finish_retry_seconds,
-        queue=job_queue(settings, redis),
-        caption_batch_size=settings.caption_batch_size,
+        # A group replays each pipeline call on every rank; a batch of captions is not one call.
+        batching=CaptionBatching(pipeline, job_queue(settings, redis), settings.caption_batch_size)
+        if group is None
+        else None,
     )
     tasks.install(runner)
+    if group is not None:
+        group.fail_running_job = runner.fail_running
     heartbeat = Heartbeat(
         store, runner, metrics, interval=settings.heartbeat_interval_seconds, device=spec.device
     )
@@ -185,3 +215,20 @@ def serve(settings: Settings, spec: ModelSpec, *, name: str | None = None, burst
             store.worker_gone(name)
         except REDIS_UNREACHABLE as exc:
             log.warning("could not deregister worker %s: %s", name, exc)
+
+
+def serve_in_group(
+    settings: Settings, spec: ModelSpec, *, name: str | None = None, burst: bool = False
+) -> None:
+    """One rank of the worker group torchrun started: the leader serves (:func:`serve`), followers replay
+    its calls until it ends the group."""
+    group = WorkerGroup.join(settings)
+    spec = dataclasses.replace(spec, device=group.rank.device)
+    if group.is_leader:
+        serve(settings, spec, name=name, burst=burst, group=group)
+        group.stop()
+        return
+    # A follower stops when its leader ends the group, after the leader's last job.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    group.follow(load_pipeline(spec), settings.attention_backend)

@@ -3,10 +3,10 @@
 Every outcome ends the job: succeeded, canceled, or failed with a code (the model's error codes,
 ``gpu_oom``, ``timeout``, ``storage_error``, ``internal_error``). The worker keeps serving afterwards.
 
-Caption jobs run in batches. The caption job that rq hands the worker takes up to
-``caption_batch_size - 1`` partners from the first :data:`CLAIM_SCAN` queued jobs: caption jobs with the
+Caption jobs run in batches on a one-device worker (:class:`CaptionBatching`). The caption job that rq
+hands the worker takes up to ``max_size - 1`` partners from the first :data:`CLAIM_SCAN` queued jobs: caption jobs with the
 same steps, length and ``video_reuse`` (the model's defaults filled in), claimed in one Redis script
-(:meth:`JobStore.claim`). Their videos are read one by one; those that fit the same size run as one
+(:meth:`JobStore.claim_queued`). Their videos are read one by one; those that fit the same size run as one
 batch (:meth:`UniViGUPipeline.caption_batch`), one batch per size. Each job keeps its seed, progress,
 cancel flag, result and failure: a video that cannot be read fails its own job only, and a job canceled
 mid-batch leaves it while the others go on. An error of the batch itself (out of memory, timeout)
@@ -48,6 +48,7 @@ from service.contract.store import JobStore
 
 if TYPE_CHECKING:
     from model.pipeline import CaptionResult, CaptionSettings, PreparedCaption, UniViGUPipeline
+    from worker.group import GroupPipeline
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +77,27 @@ class Outcome:
 CANCELED = Outcome(JobStatus.canceled, error=ErrorInfo(code="canceled", message="canceled on request"))
 
 
+@dataclass(frozen=True)
+class CaptionBatching:
+    """What a worker needs to run caption jobs in batches: the pipeline itself (a worker group's pipeline
+    replays single mode calls only), the queue the partners come from, and the most jobs in a batch."""
+
+    pipeline: UniViGUPipeline
+    queue: JobQueue
+    max_size: int
+
+
 class JobRunner:
     def __init__(
         self,
-        pipeline: UniViGUPipeline,
+        pipeline: UniViGUPipeline | GroupPipeline,
         *,
         store: JobStore,
         files: ResultFiles,
         metrics: WorkerMetrics,
         worker_name: str,
         finish_retry_seconds: float,
-        queue: JobQueue | None = None,
-        caption_batch_size: int = 1,
+        batching: CaptionBatching | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.store = store
@@ -97,9 +107,7 @@ class JobRunner:
         # How long a finished job's outcome is retried while Redis is unreachable before giving up
         # (the gateway's reaper then fails the job as worker_lost).
         self.finish_retry_seconds = finish_retry_seconds
-        # Where batch partners of a caption job are found; None (or a size of 1): one job at a time.
-        self.queue = queue
-        self.caption_batch_size = caption_batch_size
+        self.batching = batching  # None: one job at a time
         self._current: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
@@ -114,13 +122,13 @@ class JobRunner:
             log.info("job %s is no longer queued (canceled); skipped", job_id)
             return
         record = self.store.get(job_id)
-        records = [record, *self._batch_partners(record)] if record.type == JobType.caption else [record]
+        partners = self._batch_partners(record) if record.type == JobType.caption else []
         with self._lock:
-            self._current = tuple(r.id for r in records)
+            self._current = (record.id, *(partner.id for partner in partners))
         self.metrics.busy.set(1)
         try:
-            if record.type == JobType.caption:
-                self._run_captions(records)
+            if self.batching is not None and partners:
+                self._run_captions(self.batching, [record, *partners])
             else:
                 self._run(record)
         finally:
@@ -156,6 +164,13 @@ class JobRunner:
         error = ErrorInfo(code="worker_lost", message=message)
         if self.store.finish(job_id, JobStatus.failed, error=error, from_queued=True):
             log.warning("job %s failed: abandoned by its worker", job_id)
+        self.files.record_expiry(job_id, self.store.result_ttl_seconds)
+
+    def fail_running(self, error: ErrorInfo) -> None:
+        """Fail the jobs being run, if any, from another thread: its worker group broke (worker.group)."""
+        for job_id in self.current_jobs:
+            self.store.finish(job_id, JobStatus.failed, error=error)
+            self.files.record_expiry(job_id, self.store.result_ttl_seconds)
 
     def _execute(self, label: str, call: Callable[[], T]) -> T | Outcome:
         """``call()``, or the outcome its error gives the jobs ``label`` names (logged under that name)."""
@@ -195,44 +210,53 @@ class JobRunner:
         if record.type == JobType.generate:
             video = self.pipeline.generate(**params, progress=progress, should_cancel=should_cancel)
             return self._video_result(record, video, caption=None)
-        joint = self.pipeline.joint(**params, progress=progress, should_cancel=should_cancel)
-        return self._video_result(record, joint, caption=joint.text)
+        if record.type == JobType.joint:
+            joint = self.pipeline.joint(**params, progress=progress, should_cancel=should_cancel)
+            return self._video_result(record, joint, caption=joint.text)
+        self.metrics.caption_batch_size.observe(1)  # a caption job without partners
+        upload = self.files.upload(record.id)
+        output = self.pipeline.caption(upload, **params, progress=progress, should_cancel=should_cancel)
+        return self._caption_result(record, output)
 
     # --- caption batches -------------------------------------------------------------------------------
 
-    def _caption_settings(self, record: JobRecord) -> CaptionSettings | None:
+    @staticmethod
+    def _caption_settings(batching: CaptionBatching, record: JobRecord) -> CaptionSettings | None:
         """The settings a caption job would run with; None when its parameters are invalid (it then
         fails on its own, with the error)."""
         try:
             params = CaptionParams.model_validate(record.params)
-            return self.pipeline.caption_settings(params.steps, params.max_tokens, params.video_reuse)
+            return batching.pipeline.caption_settings(params.steps, params.max_tokens, params.video_reuse)
         except (ValidationError, UniViGUError):
             return None
 
     def _batch_partners(self, head: JobRecord) -> list[JobRecord]:
         """Queued caption jobs with ``head``'s settings, claimed (now running on this worker), oldest first."""
-        wanted = self.caption_batch_size - 1
-        settings = self._caption_settings(head)
-        if self.queue is None or wanted < 1 or settings is None:
+        batching = self.batching
+        if batching is None or batching.max_size < 2:
+            return []
+        settings = self._caption_settings(batching, head)
+        if settings is None:
             return []
         try:
-            return self._claim_partners(self.queue, settings, wanted)
+            return self._claim_partners(batching, settings)
         except REDIS_UNREACHABLE as exc:  # the head job runs alone
             log.warning("no batch partners for job %s, Redis unreachable: %s", head.id, exc)
             return []
 
-    def _claim_partners(self, queue: JobQueue, settings: CaptionSettings, wanted: int) -> list[JobRecord]:
+    def _claim_partners(self, batching: CaptionBatching, settings: CaptionSettings) -> list[JobRecord]:
+        queue = batching.queue
         candidates = [
             record.id
             for record in self.store.find_many(queue.peek(CLAIM_SCAN))
             if record is not None
             and record.type == JobType.caption
             and record.status == JobStatus.queued
-            and self._caption_settings(record) == settings
-        ][:wanted]
+            and self._caption_settings(batching, record) == settings
+        ][: batching.max_size - 1]
         if not candidates:
             return []
-        claimed = self.store.claim(
+        claimed = self.store.claim_queued(
             candidates,
             self.worker_name,
             queue_key=queue.key,
@@ -240,13 +264,14 @@ class JobRunner:
         )
         return [record for record in self.store.find_many(claimed) if record is not None]
 
-    def _run_captions(self, records: Sequence[JobRecord]) -> None:
-        """Read every job's video, then denoise the captions of each video size as one batch."""
+    def _run_captions(self, batching: CaptionBatching, records: Sequence[JobRecord]) -> None:
+        """Read every job's video, then denoise the captions of each video size as one batch (a lone
+        caption job runs through :meth:`_run`, as every other job)."""
         started = time.monotonic()
         batches: dict[tuple[object, ...], list[tuple[JobRecord, PreparedCaption]]] = {}
         for record in records:
             self._observe_wait(record)
-            prepared = self._execute(record.id, partial(self._prepare_caption, record))
+            prepared = self._execute(record.id, partial(self._prepare_caption, batching, record))
             if isinstance(prepared, Outcome):
                 self._end_caption(record, prepared, started)
             else:
@@ -254,15 +279,16 @@ class JobRunner:
         for batch in batches.values():
             label = ", ".join(record.id for record, _ in batch)
             self.metrics.caption_batch_size.observe(len(batch))
-            outputs = self._execute(label, partial(self.pipeline.caption_batch, [job for _, job in batch]))
+            jobs = [job for _, job in batch]
+            outputs = self._execute(label, partial(batching.pipeline.caption_batch, jobs))
             for index, (record, _) in enumerate(batch):
                 outcome = (
                     outputs if isinstance(outputs, Outcome) else self._caption_outcome(record, outputs[index])
                 )
                 self._end_caption(record, outcome, started)
 
-    def _prepare_caption(self, record: JobRecord) -> PreparedCaption:
-        return self.pipeline.prepare_caption(
+    def _prepare_caption(self, batching: CaptionBatching, record: JobRecord) -> PreparedCaption:
+        return batching.pipeline.prepare_caption(
             self.files.upload(record.id),
             **self._params(record),
             progress=self._progress(record),
@@ -274,17 +300,15 @@ class JobRunner:
             log.info("job %s canceled", record.id)
             return CANCELED
         stored = self._execute(record.id, lambda: self._caption_result(record, output))
-        if isinstance(stored, Outcome):
-            return stored
-        passes = self.metrics.caption_steps
-        passes.labels("full").inc(output.full_passes)
-        passes.labels("text_only").inc(output.text_only_passes)
-        return Outcome(JobStatus.succeeded, stored)
+        return stored if isinstance(stored, Outcome) else Outcome(JobStatus.succeeded, stored)
 
     def _caption_result(self, record: JobRecord, output: CaptionResult) -> JobResult:
         self.files.write_json(
             record.id, self._payload(record, caption=output.text, tokens=list(output.tokens))
         )
+        passes = self.metrics.caption_steps
+        passes.labels("full").inc(output.full_passes)
+        passes.labels("text_only").inc(output.text_only_passes)
         return JobResult(caption=output.text, result_url=f"/jobs/{record.id}/result")
 
     def _end_caption(self, record: JobRecord, outcome: Outcome, started: float) -> None:
@@ -338,6 +362,9 @@ class JobRunner:
         return should_cancel
 
     def _finish(self, record: JobRecord, outcome: Outcome) -> None:
+        """Record the outcome, then the files' expiry. An outcome lost to a Redis outage gets its expiry
+        from the reaper that fails the job; a dropped one (the record was deleted or reaped meanwhile)
+        still gets one here, so what was written for it expires like any other job's files."""
         deadline = time.monotonic() + self.finish_retry_seconds
         while True:
             try:
@@ -358,3 +385,4 @@ class JobRunner:
                 record.id,
                 outcome.status,
             )
+        self.files.record_expiry(record.id, self.store.result_ttl_seconds)

@@ -1,6 +1,6 @@
 """The `univigu` command: `gateway` and `up` here, `worker` from :mod:`worker.cli`, `submit` from
-:mod:`service.cli.submit`, and the model's commands (`generate`, `caption`, `joint`, `train`,
-`toyworld`) from :mod:`model.cli`.
+:mod:`service.cli.submit`, `healthcheck` from :mod:`service.cli.healthcheck`, and the model's commands
+(`generate`, `caption`, `joint`, `train`, `toyworld`) from :mod:`model.cli`.
 
 `univigu gateway` never imports torch; `univigu worker` and the model's commands import it when they
 run.
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from service.cli.healthcheck import register as register_healthcheck_command
 from service.cli.submit import register as register_submit_command
 from service.contract.settings import load_settings
 from worker.cli import register as register_worker_command
@@ -40,7 +41,7 @@ def _gateway(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from service.cli.up import run_up
 
-    settings = load_settings(**_overrides(args, "host", "port"))
+    settings = load_settings(**_overrides(args, "host", "port", "data_dir", "worker_metrics_port"))
     return run_up(settings, model=_up_model(args), device=args.device)
 
 
@@ -66,16 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_worker_command(commands)
 
-    up = commands.add_parser("up", help="Redis (if REDIS_URL is unset), a gateway and a CPU worker, at once")
+    up = commands.add_parser(
+        "up", help="Redis (if REDIS_URL is unset), a gateway and a CPU worker, at once, kept running"
+    )
     up.add_argument("--host", help="gateway bind address")
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
     up_source = up.add_mutually_exclusive_group()
     up_source.add_argument("--preset", help="random-init preset (default: the shipped toy model, else tiny)")
     up_source.add_argument("--weights", type=Path, help="a folder in our saved format")
     up.add_argument("--device", default="cpu", help="the worker's device (default cpu)")
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        help="Redis's data and the results (UNIVIGU_DATA_DIR; default ~/.local/share/univigu on Linux)",
+    )
+    up.add_argument(
+        "--metrics-port",
+        dest="worker_metrics_port",
+        type=int,
+        help="the worker's metrics port (UNIVIGU_WORKER_METRICS_PORT; default 9100, another free one if "
+        "9100 is taken; 0 turns it off)",
+    )
     up.set_defaults(handler=_up)
 
     register_submit_command(commands)
+    register_healthcheck_command(commands)
 
     try:
         from model.cli import register as register_model_commands

@@ -48,9 +48,11 @@ class RedisServer:
         port: int | None = None,
         executable: str | None = None,
         appendfsync: str = "everysec",
+        inherit_fds: tuple[int, ...] = (),
     ) -> None:
         self.directory = directory
         self.appendfsync = appendfsync
+        self.inherit_fds = inherit_fds  # e.g. `univigu up`'s data-folder lock, held while this server runs
         self.port = port or free_port()
         self.executable = executable or find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
@@ -74,7 +76,11 @@ class RedisServer:
         ]  # fmt: skip
         # Its own session: a Ctrl-C meant for `univigu up` must not stop Redis before the gateway and worker.
         self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=self.inherit_fds,
         )
         client = Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_seconds

@@ -52,6 +52,20 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.jobs_finished = jobs_finished(self.registry)
+        self.webhook_attempts = Counter(
+            "univigu_webhook_attempts_total",
+            "Webhook delivery attempts by result: delivered (a 2xx answer), rejected (another status), "
+            "unreachable (no answer in time, a network error) or refused (a forbidden address).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.webhook_events = Counter(
+            "univigu_webhook_events_total",
+            "Webhook events whose delivery ended: delivered, failed (retried for webhook_retry_seconds "
+            "in vain) or dropped (the job was deleted first).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.registry.register(_QueueCollector(store, queue, worker_ttl_seconds))
 
 
@@ -72,6 +86,7 @@ class _QueueCollector(Collector):
             depth = self.queue.depth()
             busy = self.store.running_count()
             live = self.store.live_workers(self.worker_ttl_seconds)
+            webhooks = self.store.webhook_backlog()
         except REDIS_UNREACHABLE:
             redis_up.add_metric([], 0)
             yield redis_up
@@ -83,6 +98,9 @@ class _QueueCollector(Collector):
         yield queue_depth
         yield GaugeMetricFamily("univigu_workers_busy", "Workers running a job (running jobs).", value=busy)
         yield GaugeMetricFamily("univigu_workers_live", "Workers with a fresh heartbeat.", value=live)
+        yield GaugeMetricFamily(
+            "univigu_webhook_backlog", "Webhook events awaiting delivery or a retry.", value=webhooks
+        )
 
 
 class WorkerMetrics:

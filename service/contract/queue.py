@@ -4,7 +4,7 @@ The gateway never imports the worker (and so never torch): it enqueues ``worker.
 with only the job id; the worker reads the parameters from the job record.
 
 Order: rq takes jobs from the head of the list, oldest first. A worker that starts a caption job also
-claims batch partners among the first queued jobs (``worker.runner``, :meth:`JobStore.claim`), so a
+claims batch partners among the first queued jobs (``worker.runner``, :meth:`JobStore.claim_queued`), so a
 caption job may leave the queue before older jobs of other kinds or settings, together with the older
 caption job it joins; no other job is overtaken.
 """

@@ -4,7 +4,11 @@
 and renamed, so a reader sees a whole file or none; so is ``jobs/{id}/thumbnail.jpg``, which the gateway
 makes from the video's first frame the first time it is asked for. ``uploads/{id}.upload`` holds a
 caption job's input.
-A job's files are deleted once its record expired from Redis (``result_ttl_seconds`` after it finished).
+
+Expiry is recorded with the files: whoever finishes a job (its worker, or the gateway's reaper) writes
+``jobs/{id}/expires_at``, a Unix time no earlier than the record's own expiry. The clean-up deletes a job's
+files only once that time has passed and Redis holds no record of the job, so a fresh or foreign Redis
+(which knows none of these jobs) never causes a deletion; files without an expiry are kept.
 
 Every path is built from a job id that must be one plain name (letters, digits, ``_``, ``-``), so no id
 (``../x``, ``/etc``, ``%2e%2e``) can point outside ``results_dir``; the API accepts only 32 hex digits.
@@ -12,7 +16,6 @@ Every path is built from a job id that must be one plain name (letters, digits, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,6 +32,7 @@ from service.contract.store import JobStore
 log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+EXPIRY_FILE = "expires_at"
 
 
 def checked_job_id(job_id: str) -> str:
@@ -102,22 +106,39 @@ class ResultFiles:
     def remove_upload(self, job_id: str) -> None:
         self.upload(job_id).unlink(missing_ok=True)
 
-    def clean_expired(self, store: JobStore, *, upload_grace_seconds: float) -> int:
-        """Delete the files of jobs whose record expired. Uploads younger than ``upload_grace_seconds``
-        are kept (an upload is written before its record exists). Returns how many entries went."""
-        cutoff = time.time() - upload_grace_seconds
+    def record_expiry(self, job_id: str, ttl_seconds: float) -> None:
+        """Record that the job's files expire ``ttl_seconds`` from now; called once its record is terminal,
+        so the record (which expires ``ttl_seconds`` after finishing) goes first. A job without files gets
+        no record. Never raises: a missing expiry only keeps the files longer."""
+        if not self.job_dir(job_id).is_dir() and not self.upload(job_id).exists():
+            return
+        try:
+            self._write_atomic(self.job_dir(job_id) / EXPIRY_FILE, repr(time.time() + ttl_seconds).encode())
+        except StorageError as exc:
+            log.warning("expiry of job %s not recorded; its files are kept: %s", job_id, exc)
+
+    def expires_at(self, job_id: str) -> float | None:
+        """The Unix time the job's files expire, as recorded; None if none is (or it is unreadable)."""
+        try:
+            return float((self.job_dir(job_id) / EXPIRY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def clean_expired(self, store: JobStore) -> int:
+        """Delete the files of jobs whose recorded expiry has passed and whose record Redis no longer
+        holds. Returns how many jobs' files went."""
+        now = time.time()
         removed = 0
         for path in self._entries(self.jobs_dir):
-            if store.find(path.name) is None:
-                shutil.rmtree(path, ignore_errors=True)
-                removed += 1
-        for path in self._entries(self.uploads_dir):
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff and store.find(path.stem) is None:
-                    path.unlink()
-                    removed += 1
+            if not SAFE_JOB_ID.fullmatch(path.name):
+                continue
+            expires_at = self.expires_at(path.name)
+            if expires_at is None or expires_at > now or store.find(path.name) is not None:
+                continue
+            self.remove_job(path.name)
+            removed += 1
         if removed:
-            log.info("removed %d expired result entries", removed)
+            log.info("removed the files of %d expired jobs", removed)
         return removed
 
     @staticmethod

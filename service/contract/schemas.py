@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, computed_field, create_model
 
 from service.contract.settings import Settings
 
@@ -113,8 +113,13 @@ class RequestModels:
     caption: type[CaptionParams]
 
 
+WEBHOOK_FIELD = "webhook"
+"""The one request field that says how to report a job rather than how to run it: the gateway's request
+models take it, the job's parameters (``*Params``, what the worker reads) do not."""
+
+
 def build_request_models(settings: Settings) -> RequestModels:
-    """Subclass the ``*Params`` models with the numeric ranges of ``settings``."""
+    """Subclass the ``*Params`` models with the numeric ranges of ``settings``, and add ``webhook``."""
     text: Any = (str | None, Field(None, max_length=settings.max_prompt_chars))
     size: dict[str, Any] = {"multiple_of": 16, "ge": settings.min_size, "le": settings.max_size}
     video: dict[str, Any] = {
@@ -134,13 +139,36 @@ def build_request_models(settings: Settings) -> RequestModels:
         int | None,
         Field(None, ge=1, le=settings.max_caption_tokens, description="Caption tokens."),
     )
-    return RequestModels(
-        generate=create_model("GenerateRequest", __base__=GenerateParams, steps=steps, **video),
-        joint=create_model("JointRequest", __base__=JointParams, steps=steps, max_tokens=tokens, **video),
-        caption=create_model(
-            "CaptionRequest", __base__=CaptionParams, prompt=text, steps=steps, max_tokens=tokens
+    webhook: Any = (
+        HttpUrl | None,
+        Field(
+            None,
+            description="An http(s) URL that gets a signed event (Standard Webhooks) when the job ends.",
         ),
     )
+    return RequestModels(
+        generate=create_model(
+            "GenerateRequest", __base__=GenerateParams, steps=steps, webhook=webhook, **video
+        ),
+        joint=create_model(
+            "JointRequest", __base__=JointParams, steps=steps, max_tokens=tokens, webhook=webhook, **video
+        ),
+        caption=create_model(
+            "CaptionRequest",
+            __base__=CaptionParams,
+            prompt=text,
+            steps=steps,
+            max_tokens=tokens,
+            webhook=webhook,
+        ),
+    )
+
+
+def params_and_webhook(request: BaseModel) -> tuple[dict[str, Any], str | None]:
+    """A validated request's job parameters (omitted options left out) and its webhook URL, if any."""
+    params = request.model_dump(exclude_none=True, exclude={WEBHOOK_FIELD})
+    webhook = getattr(request, WEBHOOK_FIELD, None)
+    return params, None if webhook is None else str(webhook)
 
 
 MODEL_ALIAS = "univigu"
@@ -155,6 +183,13 @@ class ServedModel(BaseModel):
     defaults: dict[str, Any] = Field(description="Values used for options a request leaves out.")
     attention_backend: str | None = Field(None, description="The attention kernel the workers use.")
     compiled: bool = Field(False, description="Whether the workers run torch.compile'd transformer blocks.")
+    devices: list[str] = Field(
+        default_factory=list, description="The devices each job runs on: one, or a worker group's several."
+    )
+    guidance_parallel: int = Field(1, description="Devices that share a guided pass's two halves (1 or 2).")
+    sequence_parallel: int = Field(
+        1, description="Devices that share each pass's tokens (Ulysses attention)."
+    )
 
     @computed_field(  # type: ignore[prop-decorator]
         description="The model's name in the OpenAI-compatible API: univigu-<preset>, or univigu."
@@ -184,6 +219,24 @@ class JobResult(BaseModel):
     width: int | None = None
 
 
+class WebhookDelivery(BaseModel):
+    """Where a job's end is reported, and how that went (``service.gateway.webhooks``)."""
+
+    url: str
+    state: Literal["pending", "delivered", "failed"] = Field(
+        default="pending",
+        description="pending: the job runs, or its event awaits (re)delivery; delivered: a 2xx answer; "
+        "failed: no 2xx answer within the retry window (webhook_retry_seconds).",
+    )
+    attempts: int = Field(default=0, description="Delivery attempts so far.")
+    last_status: int | None = Field(default=None, description="HTTP status of the last attempt, if any.")
+    last_error: str | None = Field(default=None, description="Why the last attempt got no answer, if so.")
+    delivered_at: datetime | None = None
+
+
+WebhookEventType = Literal["job.succeeded", "job.failed", "job.canceled"]
+
+
 class JobRecord(BaseModel):
     """The gateway's own record of a job, kept in Redis beyond rq's keys (see ``service.contract.store``)."""
 
@@ -201,6 +254,7 @@ class JobRecord(BaseModel):
     worker: str | None = None
     cancel_requested: bool = False
     owner: str | None = None
+    webhook: WebhookDelivery | None = None
 
 
 class Job(BaseModel):
@@ -218,6 +272,7 @@ class Job(BaseModel):
     params: dict[str, Any]
     error: ErrorInfo | None
     result: JobResult | None
+    webhook: WebhookDelivery | None = Field(None, description="The job's webhook and its delivery state.")
 
     @classmethod
     def from_record(cls, record: JobRecord, queue_position: int | None = None) -> Job:
@@ -225,6 +280,15 @@ class Job(BaseModel):
             queue_position=queue_position,
             **record.model_dump(exclude={"worker", "cancel_requested", "owner"}),
         )
+
+
+class WebhookEvent(BaseModel):
+    """The body of a webhook delivery (Standard Webhooks' payload structure): the job as GET /jobs/{id}
+    shows it, without its own delivery state, which the event cannot know."""
+
+    type: WebhookEventType = Field(description="job.succeeded, job.failed or job.canceled.")
+    timestamp: datetime = Field(description="When the job ended.")
+    data: Job
 
 
 class JobPage(BaseModel):

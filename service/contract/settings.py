@@ -12,11 +12,15 @@ slack (13 s with the defaults; documented as "within 15 s").
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 class Settings(BaseSettings):
@@ -53,6 +57,11 @@ class Settings(BaseSettings):
         86400, ge=1, description="Finished jobs and their files are kept this long, then deleted."
     )
     cleanup_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are deleted.")
+    data_dir: Path | None = Field(
+        None,
+        description="`univigu up`'s data folder: its Redis's append-only file and the results "
+        "(`up --data-dir`); unset: the user's data directory (~/.local/share/univigu on Linux).",
+    )
 
     # --- liveness ----------------------------------------------------------------------------------------
     heartbeat_interval_seconds: float = Field(2.0, gt=0, description="Workers refresh heartbeats this often.")
@@ -104,6 +113,33 @@ class Settings(BaseSettings):
         20, ge=1, description="Requests a client may send at once before the rate limit applies."
     )
 
+    # --- webhooks (Standard Webhooks; delivered by the gateways, see service/gateway/webhooks) ----------
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Signing secret of webhook events, whsec_ + base64 of 24 to 64 random bytes. Unset: "
+        "webhooks are off and a submit that names one answers 422.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook URLs that resolve to loopback, link-local or private addresses (a "
+        "receiver on the same host or network). Off: refused at submit and again at each delivery.",
+    )
+    webhook_timeout_seconds: float = Field(
+        5.0, gt=0, description="One delivery attempt (DNS, connect, send, answer) must end within this."
+    )
+    webhook_backoff_seconds: float = Field(
+        2.0, gt=0, description="Wait before the first retry of a failed delivery; each next wait doubles."
+    )
+    webhook_retry_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="How long a failing delivery is retried, from the job's end; then it is given up "
+        "(webhook state failed).",
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often each gateway looks for webhook events due for delivery."
+    )
+
     # --- request limits (validated at the edge; None fields use the model's defaults) --------------------
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
     min_size: int = Field(16, ge=16, description="Smallest height/width (multiples of 16).")
@@ -118,6 +154,20 @@ class Settings(BaseSettings):
 
     # --- worker ------------------------------------------------------------------------------------------
     device: str = Field("cpu", description="Torch device of `univigu worker` (one worker per GPU).")
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="A worker group: comma-separated devices (cuda:0,cuda:1,...) that run every job together, "
+        "one process each; empty: one device, `device`. See docs/multi-gpu.md.",
+    )
+    guidance_parallel: int = Field(
+        1, ge=1, le=2, description="Devices of a worker group that share a guided pass's two halves: 1 or 2."
+    )
+    sequence_parallel: int | None = Field(
+        None,
+        ge=1,
+        description="Devices of a worker group that share each pass's tokens (Ulysses attention); must divide the "
+        "model's attention heads. Default: the rest of the group, its size / guidance_parallel.",
+    )
     preset: str | None = Field(None, description="Random-init model preset, e.g. tiny (tests, demos).")
     weights: Path | None = Field(None, description="A folder in our saved format (from_pretrained).")
     wan: Path | None = Field(None, description="A Wan2.1 Diffusers folder; needs `checkpoint`.")
@@ -162,11 +212,29 @@ class Settings(BaseSettings):
         9100, ge=0, le=65535, description="Each worker's Prometheus port; 0: off."
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "devices", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+        try:
+            size = len(base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True))
+        except binascii.Error:
+            size = 0
+        if not secret.startswith(WEBHOOK_SECRET_PREFIX) or not 24 <= size <= 64:
+            raise ValueError(
+                f"must be {WEBHOOK_SECRET_PREFIX} followed by 24 to 64 random bytes in base64; make one with "
+                "python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+            )
         return value
 
     @model_validator(mode="after")
@@ -176,7 +244,36 @@ class Settings(BaseSettings):
                 raise ValueError(f"{low} must not exceed {high}")
         if self.heartbeat_interval_seconds >= self.heartbeat_ttl_seconds:
             raise ValueError("heartbeat_interval_seconds must be shorter than heartbeat_ttl_seconds")
+        if self.webhook_secret is not None and self.webhook_retry_seconds >= self.result_ttl_seconds:
+            # a delivery reads the job's record, which expires result_ttl_seconds after the job ends
+            raise ValueError(
+                "with webhooks on, webhook_retry_seconds must be shorter than result_ttl_seconds"
+            )
+        if len(self.devices) > 1:
+            self.parallel_degrees(len(self.devices))
         return self
+
+    def parallel_degrees(self, ranks: int) -> tuple[int, int]:
+        """``(guidance, sequence)`` of a worker group of ``ranks`` processes; ValueError if they do not fit."""
+        guidance = self.guidance_parallel
+        sequence = self.sequence_parallel or max(1, ranks // guidance)
+        if guidance * sequence != ranks:
+            example = (2, ranks // 2) if ranks % 2 == 0 else (1, ranks)
+            raise ValueError(
+                f"a worker group of {ranks} devices needs guidance_parallel x sequence_parallel = {ranks}, got "
+                f"{guidance} x {sequence}; for example guidance_parallel {example[0]} and sequence_parallel {example[1]}"
+            )
+        return guidance, sequence
+
+    def environment(self) -> dict[str, str]:
+        """The ``UNIVIGU_*`` variables that make a child process read these settings (the fields set by
+        flags or the environment; secrets in the clear, since the child needs them)."""
+        values = {name: getattr(self, name) for name in self.model_fields_set}
+        return {
+            f"UNIVIGU_{name.upper()}": _environment_value(value)
+            for name, value in values.items()
+            if value is not None
+        }
 
     @property
     def worker_lost_bound_seconds(self) -> float:
@@ -187,3 +284,11 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read the environment once; keyword overrides (from the CLI) win."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def _environment_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value)

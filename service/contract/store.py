@@ -9,11 +9,14 @@ Keys (``{p}`` is ``settings.key_prefix``):
 - ``{p}:idem:{scope}:{key}``: an Idempotency-Key's request fingerprint and job id.
 - ``{p}:workers``: a sorted set of worker names by their last heartbeat (for ``/readyz``).
 - ``{p}:model``: the served model's name, limits and defaults, as the last worker to start published them.
+- ``{p}:webhooks``: the webhook outbox, a sorted set of finished job ids by when their event's next
+  delivery attempt is due. The delivery state lives on the record (``webhook_*`` fields).
 
-Every status transition is one Lua script, so a cancel, a start (or a batch claim), a finish and the
-reaper never race:
+Every status transition is one Lua script, so a cancel, a start (or a claim of batch partners), a finish
+and the reaper never race:
 ``queued -> running -> succeeded | failed | canceled`` and ``queued -> canceled``; terminal is final.
-Progress only ever grows.
+Progress only ever grows. The script that makes a job terminal also puts a job that has a webhook into
+the outbox, so an event is never lost between the two, whichever process ended the job.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 
 from service.contract.errors import IdempotencyConflict, JobNotFound
-from service.contract.schemas import ErrorInfo, JobRecord, JobResult, JobStatus, JobType, ServedModel
+from service.contract.schemas import (
+    ErrorInfo,
+    JobRecord,
+    JobResult,
+    JobStatus,
+    JobType,
+    ServedModel,
+    WebhookDelivery,
+)
 
 _START = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
@@ -52,7 +63,7 @@ return 1
 # _START; one taken by another worker (no longer listed) or canceled (no longer queued) is skipped.
 # KEYS: queue list, running set, then per job its record, heartbeat and queue entry (deleted).
 # ARGV: started_at, worker, heartbeat ttl ms, then the job ids. Returns the ids started.
-_CLAIM = """
+_CLAIM_QUEUED = """
 local started = {}
 for i = 4, #ARGV do
   local record, heartbeat, entry = KEYS[3 * i - 9], KEYS[3 * i - 8], KEYS[3 * i - 7]
@@ -80,12 +91,16 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[7])
+if redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
+  redis.call('ZADD', KEYS[4], 'NX', ARGV[2], ARGV[7])
+end
 return 'ok'
 """
 
 # A queued job is canceled at once; a running one gets a flag that its worker checks at every step.
 # Returns the status before, then the record's fields as they stand right after (HGETALL's flat list),
-# so the answer cannot show what a worker did after the cancel. ARGV: finished_at, expires_at, ttl, error
+# so the answer cannot show what a worker did after the cancel. KEYS: record, webhook outbox.
+# ARGV: finished_at, expires_at, ttl, error, job id
 _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {''} end
@@ -95,10 +110,38 @@ elseif status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1], 'expires_at', ARGV[2],
              'error', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  if redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
+    redis.call('ZADD', KEYS[2], 'NX', ARGV[1], ARGV[5])
+  end
 end
 local reply = redis.call('HGETALL', KEYS[1])
 table.insert(reply, 1, status)
 return reply
+"""
+
+# The due ids (at most ARGV[3]), each leased: pushed to ARGV[2] so that no other gateway takes it meanwhile.
+_CLAIM_WEBHOOKS = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return due
+"""
+
+# KEYS: record, outbox. ARGV: job id, state, last status, last error, delivered at, next attempt ('' ends
+# the delivery). A record gone (deleted, expired) ends it as well, without writing a stub record.
+_WEBHOOK_ATTEMPTED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], 'webhook_attempts', 1)
+redis.call('HSET', KEYS[1], 'webhook_state', ARGV[2], 'webhook_last_status', ARGV[3],
+           'webhook_last_error', ARGV[4], 'webhook_delivered_at', ARGV[5])
+if ARGV[6] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
+end
+return 1
 """
 
 
@@ -124,6 +167,21 @@ def _timestamp(value: str | None) -> datetime | None:
     return datetime.fromtimestamp(float(value), UTC) if value else None
 
 
+def _webhook(fields: dict[str, str]) -> WebhookDelivery | None:
+    if "webhook" not in fields:
+        return None
+    return WebhookDelivery.model_validate(
+        {
+            "url": fields["webhook"],
+            "state": fields.get("webhook_state", "pending"),
+            "attempts": fields.get("webhook_attempts", "0"),
+            "last_status": fields.get("webhook_last_status") or None,
+            "last_error": fields.get("webhook_last_error") or None,
+            "delivered_at": _timestamp(fields.get("webhook_delivered_at")),
+        }
+    )
+
+
 class JobStore:
     """Job records over Redis. Thread-safe as long as the Redis client is (redis-py's is)."""
 
@@ -136,11 +194,14 @@ class JobStore:
         self._running = f"{prefix}:running"
         self._workers = f"{prefix}:workers"
         self._model = f"{prefix}:model"
+        self._webhooks = f"{prefix}:webhooks"
         self._start = redis.register_script(_START)
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_CANCEL)
-        self._claim = redis.register_script(_CLAIM)
+        self._claim_queued = redis.register_script(_CLAIM_QUEUED)
+        self._claim_webhooks = redis.register_script(_CLAIM_WEBHOOKS)
+        self._webhook_attempted = redis.register_script(_WEBHOOK_ATTEMPTED)
 
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -162,13 +223,15 @@ class JobStore:
         admit: Callable[[], None],
         queue_key: str,
         owner: str | None = None,
+        webhook: str | None = None,
     ) -> Submission:
         """Store a queued record and enqueue it in one transaction, or return the Idempotency-Key's job.
 
         ``admit`` runs before anything is written and may raise (a full queue); ``enqueue`` adds the
         queue's writes to the same MULTI so that a record never exists without its queue entry. The new
         job's position in the list ``queue_key`` is read in that MULTI too. ``owner`` is kept on the
-        record (see :class:`service.gateway.dependencies.Caller`).
+        record (see :class:`service.gateway.dependencies.Caller`); so is ``webhook``, the URL that gets
+        the job's end.
         """
         idem_key = f"{self.prefix}:idem:{idempotency.scope}:{idempotency.key}" if idempotency else None
         now = _now()
@@ -196,6 +259,7 @@ class JobStore:
                             "created_at": repr(now),
                             "params": json.dumps(params),
                             **({"owner": owner} if owner else {}),
+                            **({"webhook": webhook} if webhook else {}),
                         },
                     )
                     pipe.zadd(self._index, {job_id: now})
@@ -213,6 +277,7 @@ class JobStore:
             created_at=datetime.fromtimestamp(now, UTC),
             params=params,
             owner=owner,
+            webhook=WebhookDelivery(url=webhook) if webhook else None,
         )
         return Submission(record, created=True, queue_position=position)
 
@@ -265,6 +330,7 @@ class JobStore:
             worker=fields.get("worker"),
             cancel_requested=fields.get("cancel_requested") == "1",
             owner=fields.get("owner"),
+            webhook=_webhook(fields),
         )
 
     def page(
@@ -347,7 +413,7 @@ class JobStore:
         keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
         return bool(self._start(keys=keys, args=[repr(_now()), worker, self.heartbeat_ttl_ms, job_id]))
 
-    def claim(
+    def claim_queued(
         self, job_ids: list[str], worker: str, *, queue_key: str, queue_entries: list[str]
     ) -> list[str]:
         """Start the queued jobs ``job_ids`` on ``worker`` and take them out of the list ``queue_key``, in one
@@ -358,7 +424,7 @@ class JobStore:
         for job_id, entry in zip(job_ids, queue_entries, strict=True):
             keys += [self._job_key(job_id), self._heartbeat_key(job_id), entry]
         args: list[str | int] = [repr(_now()), worker, self.heartbeat_ttl_ms, *job_ids]
-        return [job_id.decode() for job_id in cast(list[bytes], self._claim(keys=keys, args=args))]
+        return [job_id.decode() for job_id in cast(list[bytes], self._claim_queued(keys=keys, args=args))]
 
     def heartbeat(self, job_id: str, worker: str) -> None:
         self.redis.set(self._heartbeat_key(job_id), worker, px=self.heartbeat_ttl_ms)
@@ -386,7 +452,7 @@ class JobStore:
 
         False if the job was in another status (already finished, e.g. reaped)."""
         now = _now()
-        keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
+        keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running, self._webhooks]
         args: list[str | int] = [
             status.value,
             repr(now),
@@ -412,8 +478,10 @@ class JobStore:
             repr(now + self.result_ttl_seconds),
             self.result_ttl_seconds,
             error,
+            job_id,
         ]
-        before, *fields = cast(list[bytes], self._cancel(keys=[self._job_key(job_id)], args=args))
+        keys = [self._job_key(job_id), self._webhooks]
+        before, *fields = cast(list[bytes], self._cancel(keys=keys, args=args))
         record = self._parse(dict(zip(fields[::2], fields[1::2], strict=True)))
         if record is None:  # the script found no record and returned only an empty status
             raise JobNotFound(job_id)
@@ -440,6 +508,47 @@ class JobStore:
     def running_count(self) -> int:
         return int(self.redis.scard(self._running))
 
+    # --- webhook deliveries ------------------------------------------------------------------------------
+
+    def claim_webhooks(self, limit: int, lease_seconds: float) -> list[str]:
+        """Up to ``limit`` jobs whose event is due for delivery, each leased to the caller for
+        ``lease_seconds``: no other gateway takes it meanwhile, and one that dies while delivering leaves
+        it to be taken again once the lease ends (at least once)."""
+        now = _now()
+        args: list[str | int] = [repr(now), repr(now + lease_seconds), limit]
+        due = cast(list[bytes], self._claim_webhooks(keys=[self._webhooks], args=args))
+        return [job_id.decode() for job_id in due]
+
+    def webhook_attempted(
+        self,
+        job_id: str,
+        *,
+        status: int | None,
+        error: str | None,
+        delivered: bool,
+        retry_at: float | None,
+    ) -> None:
+        """Record one delivery attempt on the job; retry at ``retry_at`` (Unix seconds), or end the
+        delivery when it is None: delivered, or given up (state failed) unless ``delivered``."""
+        state = "delivered" if delivered else "pending" if retry_at is not None else "failed"
+        args: list[str | int] = [
+            job_id,
+            state,
+            "" if status is None else status,
+            error or "",
+            repr(_now()) if delivered else "",
+            "" if retry_at is None else repr(retry_at),
+        ]
+        self._webhook_attempted(keys=[self._job_key(job_id), self._webhooks], args=args)
+
+    def drop_webhook(self, job_id: str) -> None:
+        """End a delivery without an attempt (its job was deleted or expired)."""
+        self.redis.zrem(self._webhooks, job_id)
+
+    def webhook_backlog(self) -> int:
+        """Events waiting for their delivery (or their next attempt)."""
+        return int(self.redis.zcard(self._webhooks))
+
     # --- workers -----------------------------------------------------------------------------------------
 
     def publish_model(self, model: ServedModel) -> None:
@@ -455,6 +564,10 @@ class JobStore:
 
     def worker_gone(self, name: str) -> None:
         self.redis.zrem(self._workers, name)
+
+    def worker_seen(self, name: str) -> bool:
+        """The worker ``name`` has sent a heartbeat (it loaded its model and serves)."""
+        return self.redis.zscore(self._workers, name) is not None
 
     def live_workers(self, ttl_seconds: float) -> int:
         cutoff = _now() - ttl_seconds

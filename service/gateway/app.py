@@ -28,6 +28,7 @@ from service.gateway.ratelimit import RateLimiter
 from service.gateway.routes import caption, health, jobs, submit
 from service.gateway.uploads import FRAMING_BYTES
 from service.gateway.web import mount_web
+from service.gateway.webhooks.delivery import WebhookDispatcher
 
 
 def build_services(settings: Settings) -> Services:
@@ -62,9 +63,17 @@ def create_app(settings: Settings) -> FastAPI:
         await run_in_threadpool(services.files.ensure_dirs)
         maintenance = Maintenance(settings, services.store, services.files, services.metrics)
         maintenance.start()
+        # Without a secret no job has a webhook (submits naming one are refused), so nothing to deliver.
+        webhooks = (
+            WebhookDispatcher(settings, services.store, services.metrics) if settings.webhook_secret else None
+        )
+        if webhooks:
+            webhooks.start()
         try:
             yield
         finally:
+            if webhooks:
+                await run_in_threadpool(webhooks.stop)
             await run_in_threadpool(maintenance.stop)
             await run_in_threadpool(services.store.redis.close)
 

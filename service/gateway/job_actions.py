@@ -16,6 +16,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi import Response
 
 from model.media import VideoLimits, probe_video
@@ -24,15 +25,38 @@ from service.contract.schemas import Job, JobPage, JobRecord, JobStatus, JobType
 from service.contract.store import Idempotency, Submission
 from service.gateway.dependencies import Caller, Services
 from service.gateway.errors import HttpError
+from service.gateway.webhooks.addresses import WebhookRefused, resolve
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def _fingerprint(job_type: JobType, params: dict[str, Any], extra: str) -> str:
-    canonical = json.dumps({"type": job_type.value, "params": params, "extra": extra}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def _fingerprint(job_type: JobType, params: dict[str, Any], extra: str, webhook: str | None) -> str:
+    request = {
+        "type": job_type.value,
+        "params": params,
+        "extra": extra,
+        **({"webhook": webhook} if webhook else {}),
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def check_webhook(services: Services, url: str) -> None:
+    """422 unless this gateway can sign events and may call ``url`` (see ``webhooks.addresses``).
+    Resolves the host: blocks on DNS."""
+    settings = services.settings
+    if settings.webhook_secret is None:
+        raise HttpError(
+            422,
+            "unsupported_parameter",
+            "webhooks are off on this server: it has no UNIVIGU_WEBHOOK_SECRET to sign events with",
+            param="webhook",
+        )
+    try:
+        resolve(httpx.URL(url), allow_private=settings.webhook_allow_private)
+    except WebhookRefused as exc:
+        raise HttpError(422, "invalid_parameter", str(exc), param="webhook") from exc
 
 
 def submit(
@@ -44,11 +68,15 @@ def submit(
     caller: Caller,
     idempotency_key: str | None,
     fingerprint_extra: str = "",
+    webhook: str | None = None,
 ) -> Submission:
-    """Record and enqueue a job in one transaction; a known Idempotency-Key returns its job instead."""
+    """Record and enqueue a job in one transaction; a known Idempotency-Key returns its job instead.
+    ``webhook``: the URL that gets the job's end (checked here)."""
     check_against_served_model(services, params)
+    if webhook is not None:
+        check_webhook(services, webhook)
     idempotency = (
-        Idempotency(caller.scope, idempotency_key, _fingerprint(job_type, params, fingerprint_extra))
+        Idempotency(caller.scope, idempotency_key, _fingerprint(job_type, params, fingerprint_extra, webhook))
         if idempotency_key
         else None
     )
@@ -62,6 +90,7 @@ def submit(
         admit=services.queue.admit,
         queue_key=services.queue.key,
         owner=caller.owner,
+        webhook=webhook,
     )
 
 
@@ -73,6 +102,7 @@ def submit_caption(
     caller: Caller,
     idempotency_key: str | None,
     sha256: str,
+    webhook: str | None = None,
 ) -> Submission:
     """Probe the video already stored at ``files.upload(job_id)`` and submit its caption job.
 
@@ -88,6 +118,7 @@ def submit_caption(
             caller=caller,
             idempotency_key=idempotency_key,
             fingerprint_extra=sha256,
+            webhook=webhook,
         )
     except Exception:  # not a handler: the upload is removed and the error propagates to the mapping
         services.files.remove_upload(job_id)
@@ -232,8 +263,9 @@ def delete(services: Services, caller: Caller, job_id: str) -> JobRecord:
 
     A queued job leaves the queue; a running one stops at its next denoising step (its worker reads the
     missing record as a cancel request and drops its outcome). Afterwards the job answers 404 everywhere.
-    A file its worker was writing at that very moment has no record left, so the periodic clean-up
-    (``ResultFiles.clean_expired``) removes it. Returns the record as it was read before the delete."""
+    A file its worker was writing at that very moment gets an expiry from that worker, and the periodic
+    clean-up (``ResultFiles.clean_expired``) removes it then. Returns the record as it was read before the
+    delete."""
     record, _ = read_record(services, caller, job_id)
     if not record.status.terminal:
         _cancel(services, record)

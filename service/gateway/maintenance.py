@@ -26,16 +26,15 @@ from service.contract.store import JobStore
 log = logging.getLogger(__name__)
 
 WORKER_LOST = "worker_lost"
-# An upload still streaming has no job record yet; its file is left alone this long.
-UPLOAD_GRACE_SECONDS = 3600.0
 
 
-def reap_lost_jobs(store: JobStore, metrics: GatewayMetrics) -> list[str]:
+def reap_lost_jobs(store: JobStore, files: ResultFiles, metrics: GatewayMetrics) -> list[str]:
     """Fail running jobs whose heartbeat expired with code worker_lost; returns their ids."""
     reaped = []
     for job_id in store.lost_jobs():
         error = ErrorInfo(code=WORKER_LOST, message="the worker running this job stopped sending heartbeats")
         if store.finish(job_id, JobStatus.failed, error=error):
+            files.record_expiry(job_id, store.result_ttl_seconds)  # what the lost worker left, if anything
             record = store.find(job_id)
             if record is not None:
                 metrics.jobs_finished.labels(record.type.value, JobStatus.failed.value).inc()
@@ -73,9 +72,9 @@ class Maintenance:
                     reap_from = time.monotonic() + self.settings.heartbeat_ttl_seconds
                     recovering = False
                 if time.monotonic() >= reap_from:
-                    reap_lost_jobs(self.store, self.metrics)
+                    reap_lost_jobs(self.store, self.files, self.metrics)
                 if time.monotonic() >= next_cleanup:
-                    self.files.clean_expired(self.store, upload_grace_seconds=UPLOAD_GRACE_SECONDS)
+                    self.files.clean_expired(self.store)
                     next_cleanup = time.monotonic() + self.settings.cleanup_interval_seconds
             except REDIS_UNREACHABLE as exc:
                 log.warning("maintenance skipped, Redis unreachable: %s", exc)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.contract.schemas import JobStatus
+from service.contract.schemas import JobStatus, WebhookDelivery
 
 # --- /v1/videos ----------------------------------------------------------------------------------------
 
@@ -39,6 +39,10 @@ class VideoCreateRequest(BaseModel):
     negative_prompt: str | None = None
     joint: bool = Field(
         default=False, description="Also write a description of the video (the `caption` field)."
+    )
+    webhook: str | None = Field(
+        default=None,
+        description="An http(s) URL that gets a signed event (Standard Webhooks) when the video ends.",
     )
 
 
@@ -73,6 +77,7 @@ class Video(BaseModel):
     fps: int | None = None
     joint: bool = Field(description="A joint job: the video comes with a description.")
     caption: str | None = Field(default=None, description="The description of a completed joint job.")
+    webhook: WebhookDelivery | None = Field(default=None, description="The webhook and its delivery state.")
     seconds_requested: str | None = Field(
         default=None, description="The `seconds` asked for (create answer only)."
     )

@@ -21,7 +21,15 @@ from starlette.datastructures import UploadFile
 
 from model.media import VideoLimits, first_frame_jpeg
 from service.contract.errors import JobNotFound
-from service.contract.schemas import Job, JobRecord, JobResult, JobStatus, JobType, ServedModel
+from service.contract.schemas import (
+    Job,
+    JobRecord,
+    JobResult,
+    JobStatus,
+    JobType,
+    ServedModel,
+    params_and_webhook,
+)
 from service.contract.settings import Settings
 from service.gateway.dependencies import Caller, IdempotencyKey, Services, ServicesDep
 from service.gateway.errors import HttpError
@@ -108,6 +116,7 @@ def to_video(job: Job, model: ServedModel | None) -> Video:
         fps=fps,
         joint=job.type == JobType.joint,
         caption=result.caption,
+        webhook=job.webhook,
     )
 
 
@@ -163,12 +172,15 @@ def parse_size(size: str) -> tuple[int, int]:
 _RENAMED = {"width": "size", "height": "size", "num_frames": "seconds"}
 
 
-def _native_params(services: Services, job_type: JobType, fields: dict[str, Any]) -> dict[str, Any]:
-    """Validated by the native route's own request model (the same ranges, the same messages), with
-    errors on width/height/num_frames reported against OpenAI's size/seconds."""
+def _native_params(
+    services: Services, job_type: JobType, fields: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """The job's parameters and webhook, validated by the native route's own request model (the same
+    ranges, the same messages), with errors on width/height/num_frames reported against OpenAI's
+    size/seconds."""
     model = services.models.joint if job_type == JobType.joint else services.models.generate
     try:
-        params: dict[str, Any] = model.model_validate(fields).model_dump(exclude_none=True)
+        return params_and_webhook(model.model_validate(fields))
     except ValidationError as exc:
         errors = []
         for error in exc.errors(include_url=False):
@@ -178,7 +190,6 @@ def _native_params(services: Services, job_type: JobType, fields: dict[str, Any]
                 error = {**error, "loc": (_RENAMED[name],), "msg": f"{name} {message}"}
             errors.append(error)
         raise RequestValidationError(errors) from exc
-    return params
 
 
 async def _create_fields(request: Request) -> dict[str, Any]:
@@ -224,6 +235,7 @@ def _create(
         "seed": body.seed,
         "steps": body.steps,
         "guidance_scale": body.guidance_scale,
+        "webhook": body.webhook,
     }
     if body.size is not None:
         fields["width"], fields["height"] = parse_size(body.size)
@@ -231,8 +243,10 @@ def _create(
     if body.seconds is not None:
         fields["num_frames"], note = frames_for(body.seconds, int(model.defaults["fps"]), services.settings)
     job_type = JobType.joint if body.joint else JobType.generate
-    params = _native_params(services, job_type, fields)
-    submission = submit(services, job_type, params, job_id=new_job_id(), caller=caller, idempotency_key=key)
+    params, webhook = _native_params(services, job_type, fields)
+    submission = submit(
+        services, job_type, params, job_id=new_job_id(), caller=caller, idempotency_key=key, webhook=webhook
+    )
     job = accepted(services, submission, response)
     response.headers["Location"] = f"/v1/videos/{video_id_for(job.id)}"
     video = to_video(job, model)

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.contract.schemas import Job, RequestModels
+from service.contract.schemas import Job, RequestModels, params_and_webhook
 from service.gateway.dependencies import CallerDep, IdempotencyKey, Services, ServicesDep
 from service.gateway.job_actions import accepted, new_job_id, submit_caption
 from service.gateway.routes._responses import SUBMIT_ERRORS
@@ -32,13 +32,14 @@ def _form_schema(models: RequestModels) -> dict[str, Any]:
     }
 
 
-def _validate_options(services: Services, fields: dict[str, str]) -> dict[str, Any]:
+def _validate_options(services: Services, fields: dict[str, str]) -> tuple[dict[str, Any], str | None]:
+    """The job's parameters and its webhook."""
     present = {name: value for name, value in fields.items() if value != ""}
     try:
         options = services.models.caption.model_validate(present)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
-    return options.model_dump(exclude_none=True)
+    return params_and_webhook(options)
 
 
 def build_router(models: RequestModels) -> APIRouter:
@@ -68,7 +69,7 @@ def build_router(models: RequestModels) -> APIRouter:
             max_bytes=services.settings.max_upload_bytes,
         )
         try:
-            params = _validate_options(services, upload.fields)
+            params, webhook = _validate_options(services, upload.fields)
         except Exception:  # not a handler: the upload is removed and the error propagates to the mapping
             await run_in_threadpool(services.files.remove_upload, job_id)
             raise
@@ -80,6 +81,7 @@ def build_router(models: RequestModels) -> APIRouter:
             caller=caller,
             idempotency_key=idempotency_key,
             sha256=upload.sha256,
+            webhook=webhook,
         )
         return await run_in_threadpool(accepted, services, submission, response)
 

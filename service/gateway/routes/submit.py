@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from service.contract.schemas import Job, JobType, RequestModels
+from service.contract.schemas import Job, JobType, RequestModels, params_and_webhook
 from service.gateway.dependencies import Caller, CallerDep, IdempotencyKey, Services, ServicesDep
 from service.gateway.job_actions import accepted, new_job_id, submit
 from service.gateway.routes._responses import SUBMIT_ERRORS
@@ -19,12 +19,15 @@ from service.gateway.routes._responses import SUBMIT_ERRORS
 def _submit(
     services: Services,
     job_type: JobType,
-    params: dict[str, Any],
+    body: BaseModel,
     caller: Caller,
     key: str | None,
     response: Response,
 ) -> Job:
-    submission = submit(services, job_type, params, job_id=new_job_id(), caller=caller, idempotency_key=key)
+    params, webhook = params_and_webhook(body)
+    submission = submit(
+        services, job_type, params, job_id=new_job_id(), caller=caller, idempotency_key=key, webhook=webhook
+    )
     return accepted(services, submission, response)
 
 
@@ -40,8 +43,7 @@ def _endpoint(
         caller: CallerDep,
         idempotency_key: IdempotencyKey,
     ) -> Job:
-        params = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
-        return await run_in_threadpool(_submit, services, job_type, params, caller, idempotency_key, response)
+        return await run_in_threadpool(_submit, services, job_type, body, caller, idempotency_key, response)
 
     endpoint.__doc__ = f"{summary} Answers 202 with the queued job; poll GET /jobs/{{id}}."
     return endpoint
