@@ -216,7 +216,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def check(args: argparse.Namespace) -> None:
+def check_intervals(args: argparse.Namespace) -> None:
+    """``--intervals`` must start with the exact sampler."""
     if args.intervals[0] != 1:
         raise SystemExit("--intervals must start with 1, the exact sampler the others are compared with")
 
@@ -231,7 +232,7 @@ def header(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    run_main(parser(), run, header, TABLE, check=check)
+    run_main(parser(), run, header, TABLE, check=check_intervals)
 
 
 if __name__ == "__main__":

@@ -355,15 +355,14 @@ class UniViGUBlock(nn.Module):
         context: torch.Tensor,
         modulation_t: torch.Tensor,
         text_rope: RotaryTable,
-        key_mask: torch.Tensor | None,
         keys: torch.Tensor,
         values: torch.Tensor,
     ) -> torch.Tensor:
         """The text tokens alone through this block, reading the video from a full pass's keys and values.
 
         Args:
-            text: ``(B, L, D)``.
-            context, modulation_t, text_rope, key_mask: as in :meth:`forward`.
+            text: ``(B, L, D)``, no padding.
+            context, modulation_t, text_rope: as in :meth:`forward`.
             keys, values: ``(B, Nv + L, H, hd)`` this block kept in a full pass; the text rows are
                 overwritten with this pass's own.
         Returns:
@@ -375,7 +374,7 @@ class UniViGUBlock(nn.Module):
         query, key, value = self._rotated_qkv(_modulate(self.norm1, text, shift, scale), 0, None, text_rope)
         keys[:, num_video:] = key
         values[:, num_video:] = value
-        text = _gated_residual(text, self._attend(query, keys, values, key_mask), gate)
+        text = _gated_residual(text, self._attend(query, keys, values, None), gate)
         text = self._cross_attention(text, context)
         return self._text_feed_forward(text, c_shift, c_scale, c_gate)
 
@@ -648,7 +647,6 @@ class UniViGUTransformer(nn.Module):
         time_t: torch.Tensor,
         cond: torch.Tensor,
         video: VideoKeyValues,
-        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Only the text stream, over the video keys and values ``video`` of an earlier full pass.
 
@@ -659,11 +657,10 @@ class UniViGUTransformer(nn.Module):
         The text rows of ``video`` are overwritten.
 
         Args:
-            x_t: ``(B, L)`` token ids, ``L`` as in the full pass.
+            x_t: ``(B, L)`` token ids, ``L`` as in the full pass, none of them padding.
             time_t: ``(B,)`` text times on the 0..1000 scale.
             cond: ``(B, Lc, text_dim)`` umT5 encoder output.
             video: what :meth:`forward_keeping_video` kept, for the same ``B`` and ``L``.
-            text_mask: optional ``(B, L)``, 1 for real tokens, 0 for padding.
         Returns:
             logits ``(B, L, V)`` float32.
         """
@@ -671,7 +668,6 @@ class UniViGUTransformer(nn.Module):
         temb_t, modulation_t = self.time_embedding_t(time_t)  # (B, D), (B, 6, D)
         context = self.cond_text_embedder(cond.to(self.dtype))  # (B, Lc, D)
         text_rope = self.rotary_emb_text(x_t.shape[1])
-        key_mask = self._key_mask(text_mask, video.num_video)
         for block, keys, values in zip(self.blocks, video.keys, video.values, strict=True):
-            text = block.forward_text(text, context, modulation_t, text_rope, key_mask, keys, values)
+            text = block.forward_text(text, context, modulation_t, text_rope, keys, values)
         return self._text_logits(text, temb_t)
