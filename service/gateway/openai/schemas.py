@@ -73,6 +73,9 @@ class Video(BaseModel):
     job_id: str = Field(description="The native job id: GET /jobs/{job_id} reports the same job.")
     job_status: JobStatus = Field(description="The native status (tells canceled from failed).")
     queue_position: int | None = Field(default=None, description="Jobs ahead of this one while queued.")
+    eta_seconds: float | None = Field(
+        default=None, description="Seconds until the job should end, while queued or in progress."
+    )
     num_frames: int | None = None
     fps: int | None = None
     joint: bool = Field(description="A joint job: the video comes with a description.")

@@ -39,6 +39,7 @@ from service.gateway.job_actions import (
     job_view,
     list_records,
     new_job_id,
+    queue_timing,
     read_job,
     read_record,
     submit,
@@ -112,6 +113,7 @@ def to_video(job: Job, model: ServedModel | None) -> Video:
         job_id=job.id,
         job_status=job.status,
         queue_position=job.queue_position,
+        eta_seconds=job.eta_seconds,
         num_frames=frames,
         fps=fps,
         joint=job.type == JobType.joint,
@@ -342,7 +344,8 @@ def _list(services: Services, caller: Caller, after: str | None, limit: int, ord
         limit=limit + 1,
     )
     model = services.store.served_model()
-    data = [to_video(job_view(services, record), model) for record in records[:limit]]
+    timing = queue_timing(services)
+    data = [to_video(job_view(services, record, timing), model) for record in records[:limit]]
     return VideoList(
         data=data,
         first_id=data[0].id if data else None,
