@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -24,13 +25,20 @@ from service.gateway.app import create_app
 @contextmanager
 def serve_gateway(settings: Settings) -> Iterator[str]:
     """``create_app(settings)`` on a free local port; yields its base URL."""
+    with serve_app(create_app(settings)) as url:
+        yield url
+
+
+@contextmanager
+def serve_app(app: Any) -> Iterator[str]:
+    """An ASGI app under uvicorn on a free local port; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
+    thread = threading.Thread(target=server.run, name=f"http-{port}", daemon=True)
     thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), timeout=30, what="the gateway to start")
-    assert server.started, "the gateway did not start (see the log above)"
+    wait_for(lambda: server.started or not thread.is_alive(), timeout=30, what="the server to start")
+    assert server.started, "the server did not start (see the log above)"
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -46,9 +54,10 @@ class LiveService:
 
 
 @contextmanager
-def live_service(redis_server: RedisServer, directory: Path) -> Iterator[LiveService]:
-    """A gateway on HTTP and one `univigu worker --preset tiny`, ready (the worker loaded the model)."""
-    settings = make_settings(directory / "results", redis_url=redis_server.url)
+def live_service(redis_server: RedisServer, directory: Path, **overrides: Any) -> Iterator[LiveService]:
+    """A gateway on HTTP and one `univigu worker --preset tiny`, ready (the worker loaded the model);
+    ``overrides`` are settings of both."""
+    settings = make_settings(directory / "results", redis_url=redis_server.url, **overrides)
     worker = WorkerProcess(settings, directory / "worker.log")
     try:
         with serve_gateway(settings) as url, httpx.Client(base_url=url, timeout=10) as http:
