@@ -1,5 +1,6 @@
 """The gateway served over real HTTP (uvicorn in a thread) next to a live tiny worker, for the tests of
-clients that need a URL: service.client, `univigu submit` (a subprocess) and the web page (a browser).
+clients that need a URL: service.client, `univigu submit` (a subprocess) and the web page (a browser);
+and a buffering reverse proxy to put in front of it.
 
 Built from conftest's pieces (make_settings, WorkerProcess, wait_for); one per test module.
 """
@@ -16,6 +17,10 @@ from typing import Any
 import httpx
 import uvicorn
 from conftest import WorkerProcess, make_settings, wait_for
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from service.cli.redis_server import RedisServer, free_port
 from service.contract.settings import Settings
@@ -44,6 +49,30 @@ def serve_app(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+HOP_BY_HOP = {"connection", "content-length", "content-encoding", "transfer-encoding", "keep-alive"}
+
+
+def buffering_proxy(upstream: str, paths: list[str]) -> Starlette:
+    """A reverse proxy that passes each answer on only once it is complete, as nginx does with
+    proxy_buffering on: an event stream then arrives whole, at its end. Records the paths it forwards."""
+
+    async def forward(request: Request) -> Response:
+        paths.append(request.url.path)
+        headers = {name: value for name, value in request.headers.items() if name != "host"}
+        async with httpx.AsyncClient(base_url=upstream, timeout=None) as http:
+            answer = await http.request(
+                request.method,
+                request.url.path,
+                params=request.query_params,
+                headers=headers,
+                content=await request.body(),
+            )
+        kept = {name: value for name, value in answer.headers.items() if name not in HOP_BY_HOP}
+        return Response(answer.content, status_code=answer.status_code, headers=kept)
+
+    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
 
 
 @dataclass(frozen=True)

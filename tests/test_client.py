@@ -12,12 +12,8 @@ import httpx
 import imageio_ffmpeg
 import pytest
 from conftest import REPO, TINY_VIDEO, settings_env
-from live_http import LiveService, live_service, serve_app, serve_gateway
+from live_http import LiveService, buffering_proxy, live_service, serve_app, serve_gateway
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from service.cli.redis_server import RedisServer
 from service.client import ApiError, Client, WaitTimeout
@@ -160,30 +156,6 @@ def test_wait_follows_the_event_stream_instead_of_polling(client: Client, live: 
     assert any(0 < state.progress < 100 for state in seen), [state.progress for state in seen]
     assert after.get("/jobs/{job_id}/events", 0) == before.get("/jobs/{job_id}/events", 0) + 1
     assert after.get("/jobs/{job_id}", 0) == before.get("/jobs/{job_id}", 0), "wait() polled"
-
-
-def buffering_proxy(upstream: str, paths: list[str]) -> Starlette:
-    """A reverse proxy that passes each answer on only once it is complete, as nginx does with
-    proxy_buffering on: an event stream then arrives whole, at its end. Records the paths it forwards."""
-
-    async def forward(request: Request) -> Response:
-        paths.append(request.url.path)
-        headers = {name: value for name, value in request.headers.items() if name != "host"}
-        async with httpx.AsyncClient(base_url=upstream, timeout=None) as http:
-            answer = await http.request(
-                request.method,
-                request.url.path,
-                params=request.query_params,
-                headers=headers,
-                content=await request.body(),
-            )
-        kept = {name: value for name, value in answer.headers.items() if name not in HOP_BY_HOP}
-        return Response(answer.content, status_code=answer.status_code, headers=kept)
-
-    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
-
-
-HOP_BY_HOP = {"connection", "content-length", "content-encoding", "transfer-encoding", "keep-alive"}
 
 
 def test_wait_polls_when_a_proxy_buffers_the_event_stream(client: Client, live: LiveService) -> None:
