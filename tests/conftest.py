@@ -85,14 +85,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env | settings.environment()
 
 
-class WorkerProcess:
-    """`univigu worker --preset tiny` as a child process."""
+TINY_MODEL = ("--preset", "tiny")
+TOY_MODEL = ("--weights", str(REPO / "model" / "assets" / "toy"))  # the shipped toy-world model
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+
+class WorkerProcess:
+    """`univigu worker` as a child process, serving ``model`` (its flags; the tiny preset by default)."""
+
+    def __init__(self, settings: Settings, log_path: Path, model: tuple[str, ...] = TINY_MODEL) -> None:
         self.settings = settings
         self.name = f"test-worker-{uuid.uuid4().hex[:6]}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "service.cli", "worker", "--preset", "tiny", "--name", self.name]
+        command = [sys.executable, "-m", "service.cli", "worker", *model, "--name", self.name]
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, cwd=REPO, env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT

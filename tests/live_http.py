@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import uvicorn
-from conftest import WorkerProcess, make_settings, wait_for
+from conftest import TINY_MODEL, WorkerProcess, make_settings, wait_for
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -83,11 +83,13 @@ class LiveService:
 
 
 @contextmanager
-def live_service(redis_server: RedisServer, directory: Path, **overrides: Any) -> Iterator[LiveService]:
-    """A gateway on HTTP and one `univigu worker --preset tiny`, ready (the worker loaded the model);
-    ``overrides`` are settings of both."""
+def live_service(
+    redis_server: RedisServer, directory: Path, model: tuple[str, ...] = TINY_MODEL, **overrides: Any
+) -> Iterator[LiveService]:
+    """A gateway on HTTP and one `univigu worker` serving ``model`` (the tiny preset by default), ready
+    (the worker loaded the model); ``overrides`` are settings of both."""
     settings = make_settings(directory / "results", redis_url=redis_server.url, **overrides)
-    worker = WorkerProcess(settings, directory / "worker.log")
+    worker = WorkerProcess(settings, directory / "worker.log", model)
     try:
         with serve_gateway(settings) as url, httpx.Client(base_url=url, timeout=10) as http:
             worker.wait_ready(http)  # type: ignore[arg-type]  # it only calls .get("/readyz")
