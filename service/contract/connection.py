@@ -33,12 +33,13 @@ def connect_redis(settings: Settings, *, blocking: bool = False) -> Redis:
 
 
 def connect_async_redis(settings: Settings, *, max_connections: int) -> AsyncRedis:
-    """An asyncio client over at most ``max_connections`` connections (a command waits for a free one
-    up to the Redis timeout), for many concurrent readers on one event loop."""
+    """An asyncio client over at most ``max_connections`` connections, for many concurrent readers on
+    one event loop. A command waits for a free connection as long as it takes (a burst of readers
+    queues; it is not an outage); on the connection, the usual timeouts apply."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections,
-        timeout=settings.redis_timeout_seconds,
+        timeout=None,
         socket_connect_timeout=settings.redis_timeout_seconds,
         socket_timeout=settings.redis_timeout_seconds,
         health_check_interval=30,
