@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from redis import Redis
 
 from service.cli.redis_server import RedisServer
 from service.contract.schemas import JobType
@@ -76,6 +77,17 @@ def settings(settings_factory: Callable[..., Settings]) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def store(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[JobStore]:
+    """A job store of its own (a key prefix named after the test) on the session's Redis; heartbeats
+    expire after 0.3 s."""
+    redis = Redis.from_url(redis_server.url)
+    yield JobStore(
+        redis, prefix=f"store-{request.node.name}", result_ttl_seconds=60, heartbeat_ttl_seconds=0.3
+    )
+    redis.close()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

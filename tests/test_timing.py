@@ -3,14 +3,10 @@ travel through a real Redis (moving averages, each running job's expected end)."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import pytest
 from conftest import queued
-from redis import Redis
 
-from service.cli.redis_server import RedisServer
 from service.contract.schemas import JobRecord, JobResult, JobStatus, JobType, ServedModel
 from service.contract.store import JobStore
 from service.contract.timing import QueueTiming, StepTiming, eta_seconds
@@ -100,15 +96,6 @@ def test_job_clock_learns_nothing_from_fewer_than_two_steps() -> None:
     clock.step()
     assert clock.remaining(1, 3) == 2 * 2.0  # no history: the one interval it has
     assert clock.measured() is None
-
-
-@pytest.fixture
-def store(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[JobStore]:
-    redis = Redis.from_url(redis_server.url)
-    yield JobStore(
-        redis, prefix=f"timing-{request.node.name}", result_ttl_seconds=60, heartbeat_ttl_seconds=5
-    )
-    redis.close()
 
 
 def test_moving_averages_weigh_the_newest_job_by_a_fifth(store: JobStore) -> None:
