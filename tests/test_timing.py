@@ -9,7 +9,8 @@ from conftest import queued
 
 from service.contract.schemas import JobRecord, JobResult, JobStatus, JobType, ServedModel
 from service.contract.store import JobStore
-from service.contract.timing import QueueTiming, StepTiming, eta_seconds
+from service.contract.timing import JobSnapshot, QueueTiming, StepTiming, eta_seconds
+from service.gateway.eta import TimingCache
 from worker.clock import JobClock
 
 NOW = 1_000_000.0
@@ -116,15 +117,22 @@ def test_a_running_jobs_expected_end_travels_with_its_progress_until_it_finishes
     store.worker_alive("w1")
     store.publish_model(ServedModel(preset="tiny", max_caption_tokens=48, defaults={"steps": 8}))
     store.progress(job_id, 10, ends_at=NOW + 7.5)
-    snapshot = store.snapshot(job_id, "unused-queue", worker_ttl_seconds=5)
-    assert snapshot.record.ends_at == NOW + 7.5 and snapshot.queue_position is None
-    assert (snapshot.timing.ends, snapshot.timing.live_workers, snapshot.timing.default_steps) == (
-        [NOW + 7.5],
-        1,
-        8,
-    )
-    assert snapshot.job(NOW).eta_seconds == 7.5
+    record = store.get(job_id)
+    timing = store.queue_timing(worker_ttl_seconds=5)
+    assert record.ends_at == NOW + 7.5
+    assert (timing.ends, timing.live_workers, timing.default_steps) == ([NOW + 7.5], 1, 8)
+    assert JobSnapshot(record, None, timing).job(NOW).eta_seconds == 7.5
 
     store.finish(job_id, JobStatus.succeeded, result=JobResult(caption="hi"))
     assert store.queue_timing(worker_ttl_seconds=5).ends == []
-    assert store.snapshot(job_id, "unused-queue", worker_ttl_seconds=5).job(NOW).eta_seconds is None
+
+
+def test_the_gateway_reads_the_queue_timing_once_a_second(store: JobStore) -> None:
+    fake = FakeClock()
+    cache = TimingCache(store, worker_ttl_seconds=5, clock=fake)
+    assert cache.get().averages == {}
+    store.record_timing(JobType.caption, StepTiming(step=1.0, setup=0.0, finish=0.0), run_seconds=5.0)
+    fake.now = 0.9
+    assert cache.get().averages == {}  # the copy it read
+    fake.now = 1.1
+    assert cache.get().typical(JobType.caption) == StepTiming(step=1.0, setup=0.0, finish=0.0)

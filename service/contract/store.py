@@ -44,7 +44,7 @@ from service.contract.schemas import (
     ServedModel,
     WebhookDelivery,
 )
-from service.contract.timing import ALL_TYPES, SMOOTHING, JobSnapshot, QueueTiming, StepTiming
+from service.contract.timing import ALL_TYPES, SMOOTHING, QueueTiming, StepTiming
 
 _START = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
@@ -344,14 +344,6 @@ class JobStore:
         with self.redis.pipeline(transaction=False) as pipe:
             self.timing_reads(pipe, worker_ttl_seconds=worker_ttl_seconds)
             return self.parse_timing(pipe.execute())
-
-    def snapshot(self, job_id: str, queue_key: str, *, worker_ttl_seconds: float) -> JobSnapshot:
-        """The job, its queue position and its ETA inputs in one round trip."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            self.record_reads(pipe, job_id, queue_key)
-            self.timing_reads(pipe, worker_ttl_seconds=worker_ttl_seconds)
-            raw, position, *timing = pipe.execute()
-        return JobSnapshot(*self.parse_record_reads(job_id, raw, position), self.parse_timing(timing))
 
     def get(self, job_id: str) -> JobRecord:
         record = self.find(job_id)

@@ -24,6 +24,7 @@ from service.gateway import openai
 from service.gateway.body_limits import BodyLimitMiddleware
 from service.gateway.dependencies import Services
 from service.gateway.errors import install_error_handlers
+from service.gateway.eta import TimingCache
 from service.gateway.http_metrics import HttpMetricsMiddleware
 from service.gateway.maintenance import Maintenance
 from service.gateway.ratelimit import RateLimiter
@@ -47,6 +48,7 @@ def build_services(settings: Settings) -> Services:
         files=ResultFiles(settings.results_dir),
         metrics=GatewayMetrics(store, queue, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
         models=build_request_models(settings),
+        timing=TimingCache(store, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
         rate_limiter=(
             RateLimiter(
                 redis,

@@ -25,7 +25,7 @@ from model.media import VideoLimits, probe_video
 from service.contract.errors import JobNotFound
 from service.contract.schemas import Job, JobPage, JobRecord, JobStatus, JobType, ServedModel
 from service.contract.store import Idempotency, Submission
-from service.contract.timing import QueueTiming, eta_seconds
+from service.contract.timing import JobSnapshot
 from service.gateway.dependencies import Caller, Services
 from service.gateway.errors import HttpError
 from service.gateway.webhooks.addresses import WebhookRefused, resolve
@@ -160,19 +160,17 @@ def check_against_served_model(services: Services, params: dict[str, Any]) -> No
         )
 
 
-def queue_timing(services: Services) -> QueueTiming:
-    """What ETAs need beyond each job's record (one round trip)."""
-    return services.store.queue_timing(worker_ttl_seconds=services.settings.heartbeat_ttl_seconds)
-
-
-def job_view(services: Services, record: JobRecord, timing: QueueTiming | None = None) -> Job:
-    """The job as the API shows it: with its queue position while queued and its ETA until it ends
-    (``timing`` is read here unless given: a page reads it once for all its jobs)."""
+def _shown(services: Services, record: JobRecord, position: int | None) -> Job:
+    """The job as the API shows it: an unfinished one with its ETA (from the shared queue timing)."""
     if record.status.terminal:
         return Job.from_record(record)
+    return JobSnapshot(record, position, services.timing.get()).job(time.time())
+
+
+def job_view(services: Services, record: JobRecord) -> Job:
+    """The job as the API shows it, its queue position read while queued."""
     position = services.queue.position(record.id) if record.status == JobStatus.queued else None
-    eta = eta_seconds(record, position, timing or queue_timing(services), time.time())
-    return Job.from_record(record, queue_position=position, eta_seconds=eta)
+    return _shown(services, record, position)
 
 
 def check_visible(caller: Caller, record: JobRecord) -> None:
@@ -183,7 +181,8 @@ def check_visible(caller: Caller, record: JobRecord) -> None:
 
 def read_record(services: Services, caller: Caller, job_id: str) -> tuple[JobRecord, int | None]:
     """The job ``job_id`` as ``caller`` may see it, with its queue position while queued, in one Redis
-    round trip. JobNotFound for an unknown or expired id and for another API key's job alike.
+    round trip (the hot path of polling clients). JobNotFound for an unknown or expired id and for
+    another API key's job alike.
 
     Every route that reads, downloads, cancels or deletes a job on a caller's behalf, native or
     OpenAI-compatible, reads it here first."""
@@ -193,13 +192,8 @@ def read_record(services: Services, caller: Caller, job_id: str) -> tuple[JobRec
 
 
 def read_job(services: Services, caller: Caller, job_id: str) -> Job:
-    """The job with its queue position and ETA, as ``caller`` may see it (``GET /jobs/{id}``, the hot path
-    of polling clients): one Redis round trip."""
-    snapshot = services.store.snapshot(
-        job_id, services.queue.key, worker_ttl_seconds=services.settings.heartbeat_ttl_seconds
-    )
-    check_visible(caller, snapshot.record)
-    return snapshot.job(time.time())
+    """The job with its queue position and ETA, as ``caller`` may see it (``GET /jobs/{id}``)."""
+    return _shown(services, *read_record(services, caller, job_id))
 
 
 def list_records(
@@ -241,9 +235,8 @@ def list_page(
         before=before,
         limit=limit,
     )
-    timing = queue_timing(services)
     return JobPage(
-        jobs=[job_view(services, record, timing) for record in records],
+        jobs=[job_view(services, record) for record in records],
         next_cursor=None if next_cursor is None else repr(next_cursor),
     )
 

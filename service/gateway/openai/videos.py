@@ -39,7 +39,6 @@ from service.gateway.job_actions import (
     job_view,
     list_records,
     new_job_id,
-    queue_timing,
     read_job,
     read_record,
     submit,
@@ -344,8 +343,7 @@ def _list(services: Services, caller: Caller, after: str | None, limit: int, ord
         limit=limit + 1,
     )
     model = services.store.served_model()
-    timing = queue_timing(services)
-    data = [to_video(job_view(services, record, timing), model) for record in records[:limit]]
+    data = [to_video(job_view(services, record), model) for record in records[:limit]]
     return VideoList(
         data=data,
         first_id=data[0].id if data else None,
