@@ -30,7 +30,8 @@ STEPPED_VIDEO = {"height": 64, "width": 64, "num_frames": 9, "steps": 60}
 
 @pytest.fixture(scope="module")
 def live(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
-    with live_service(redis_server, tmp_path_factory.mktemp("client")) as service:
+    # Streams read every 0.05 s, so that even a fast machine shows a few live states of a short job.
+    with live_service(redis_server, tmp_path_factory.mktemp("client"), events_poll_seconds=0.05) as service:
         yield service
 
 
@@ -160,13 +161,21 @@ def test_wait_follows_the_event_stream_instead_of_polling(client: Client, live: 
 
 def test_wait_polls_when_a_proxy_buffers_the_event_stream(client: Client, live: LiveService) -> None:
     paths: list[str] = []
+    busy = client.generate("keeps the one worker busy", **LONG_VIDEO)  # so the job waits, its stream silent
+    seen: list[Job] = []
+
+    def follow(job: Job) -> None:
+        if not seen:  # the first state wait() sees comes from polling: let the job run now
+            client.cancel(busy.id)
+        seen.append(job)
+
     with serve_app(buffering_proxy(live.url, paths)) as url, Client(url) as proxied:
-        job = proxied.generate("a yellow square", seed=6, **STEPPED_VIDEO)
-        seen: list[Job] = []
-        done = proxied.wait(job.id, timeout=120, on_progress=seen.append, silence_seconds=1.0)
+        job = proxied.generate("a yellow square", seed=6, **TINY_VIDEO)
+        done = proxied.wait(job.id, timeout=120, on_progress=follow, silence_seconds=1.0)
     assert done.status == JobStatus.succeeded and seen[-1] == done
     assert paths.count(f"/jobs/{job.id}/events") == 1, "the silent stream was given up, not retried"
     assert paths.count(f"/jobs/{job.id}") >= 1, "then it polled"
+    assert paths.index(f"/jobs/{job.id}/events") < paths.index(f"/jobs/{job.id}")
 
 
 def test_api_key_is_sent_in_the_configured_header(live: LiveService) -> None:

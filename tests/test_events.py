@@ -21,7 +21,7 @@ from service.contract.schemas import Job, JobStatus
 
 pytestmark = pytest.mark.slow
 
-STEPPED = {"height": 64, "width": 64, "num_frames": 9, "steps": 20}  # several progress states
+STEPPED = {"height": 64, "width": 64, "num_frames": 9, "steps": 60}  # several progress states
 LONG = {"height": 64, "width": 64, "num_frames": 17, "steps": 100}  # canceled long before its end
 QUICK = {"height": 32, "width": 32, "num_frames": 5, "steps": 2}
 
