@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is n
 
 from benchmarks import (
     caption_sampler,
+    chat_frames,
     end_to_end,
     fast_path,
     latent_cache,
@@ -114,6 +115,18 @@ def test_flop_formula_matches_torch_flop_counter(text_tokens: int) -> None:
     assert counted_ours.get_total_flops() == formula["total"]
     formula = transformer_step.forward_flops(config, size.latent, 0, size.context_tokens, text_stream=False)
     assert counted_wan.get_total_flops() == formula["total"]
+
+
+def test_chat_frames_tiny_output() -> None:
+    result = chat_frames.run(parse(chat_frames, preset="tiny", n=2, steps=1))
+    assert result["benchmark"] == "chat_frames" and result["frames_sent"] == 10
+    rows = {row["way"]: row for row in result["rows"]}
+    # The tiny preset's clip is 17 frames at 8 fps: ten frames spread over it, or nine consecutive ones.
+    assert {way: row["clip_frames"] for way, row in rows.items()} == {"mp4": 17, "spread": 17, "model_fps": 9}
+    assert rows["mp4"]["agreement"] is None
+    for row in rows.values():
+        assert 0 <= row["accuracy"] <= 1
+    assert 0 <= rows["spread"]["agreement"] <= 1 and 0 <= rows["model_fps"]["agreement"] <= 1
 
 
 def test_caption_sampler_tiny_output() -> None:

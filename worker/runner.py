@@ -25,6 +25,8 @@ from service.contract.metrics import WorkerMetrics
 from service.contract.result_files import ResultFiles
 from service.contract.schemas import PARAMS_BY_TYPE, ErrorInfo, JobRecord, JobResult, JobStatus, JobType
 from service.contract.store import JobStore
+from service.contract.timing import StepTiming
+from worker.clock import JobClock
 
 if TYPE_CHECKING:
     from model.pipeline import UniViGUPipeline
@@ -94,19 +96,38 @@ class JobRunner:
             self.metrics.busy.set(0)
 
     def _run(self, record: JobRecord) -> None:
-        started = time.monotonic()
+        clock = JobClock(self._typical_timing(record.type))
         if record.started_at is not None:
             wait = (record.started_at - record.created_at).total_seconds()
             self.metrics.queue_wait.labels(record.type.value).observe(wait)
         try:
-            outcome = self._execute(record)
+            outcome = self._execute(record, clock)
         finally:
             if record.type == JobType.caption:
                 self.files.remove_upload(record.id)
         if outcome.error is not None and outcome.error.code == GPU_OOM:
             release_device_memory()
         self._finish(record, outcome)
-        self.metrics.run_time.labels(record.type.value).observe(time.monotonic() - started)
+        self.metrics.run_time.labels(record.type.value).observe(clock.elapsed())
+        if outcome.status == JobStatus.succeeded:
+            self._record_timing(record, clock)
+
+    def _typical_timing(self, job_type: JobType) -> StepTiming | None:
+        try:
+            return self.store.typical_timing(job_type)
+        except REDIS_UNREACHABLE as exc:
+            log.warning("typical %s times not read, Redis unreachable: %s", job_type.value, exc)
+            return None
+
+    def _record_timing(self, record: JobRecord, clock: JobClock) -> None:
+        """Share a succeeded job's times, from which the gateway estimates later jobs' ETAs."""
+        measured = clock.measured()
+        if measured is None:
+            return
+        try:
+            self.store.record_timing(record.type, measured, clock.elapsed())
+        except REDIS_UNREACHABLE as exc:
+            log.warning("times of job %s not shared, Redis unreachable: %s", record.id, exc)
 
     def abandoned(self, job_id: str, *, reason: str) -> None:
         """Fail a job that rq gave up on while its record was still queued or running."""
@@ -124,9 +145,9 @@ class JobRunner:
         self.store.finish(job_id, JobStatus.failed, error=error)
         self.files.record_expiry(job_id, self.store.result_ttl_seconds)
 
-    def _execute(self, record: JobRecord) -> Outcome:
+    def _execute(self, record: JobRecord, clock: JobClock) -> Outcome:
         try:
-            return Outcome(JobStatus.succeeded, result=self._call(record))
+            return Outcome(JobStatus.succeeded, result=self._call(record, clock))
         except Canceled:
             log.info("job %s canceled", record.id)
             return Outcome(
@@ -153,11 +174,11 @@ class JobRunner:
             message = "the worker hit an unexpected error; it is logged"
             return Outcome(JobStatus.failed, error=ErrorInfo(code="internal_error", message=message))
 
-    def _call(self, record: JobRecord) -> JobResult:
+    def _call(self, record: JobRecord, clock: JobClock) -> JobResult:
         params: dict[str, Any] = (
             PARAMS_BY_TYPE[record.type].model_validate(record.params).model_dump(exclude_none=True)
         )
-        progress, should_cancel = self._progress(record), self._should_cancel(record.id)
+        progress, should_cancel = self._progress(record, clock), self._should_cancel(record.id)
         if record.type == JobType.generate:
             video = self.pipeline.generate(**params, progress=progress, should_cancel=should_cancel)
             return self._video_result(record, video, caption=None)
@@ -191,17 +212,14 @@ class JobRunner:
     def _payload(record: JobRecord, **fields: Any) -> dict[str, Any]:
         return {"id": record.id, "type": record.type.value, "params": record.params, **fields}
 
-    def _progress(self, record: JobRecord) -> Callable[[int, int], None]:
-        last = time.monotonic()
+    def _progress(self, record: JobRecord, clock: JobClock) -> Callable[[int, int], None]:
         step_time = self.metrics.step_time.labels(record.type.value)
 
         def report(step: int, total: int) -> None:
-            nonlocal last
-            now = time.monotonic()
-            step_time.observe(now - last)
-            last = now
+            step_time.observe(clock.step())
+            percent = min(100, max(0, 100 * step // max(total, 1)))
             try:
-                self.store.progress(record.id, min(100, max(0, 100 * step // max(total, 1))))
+                self.store.progress(record.id, percent, ends_at=time.time() + clock.remaining(step, total))
             except REDIS_UNREACHABLE as exc:
                 log.warning("progress of job %s not saved, Redis unreachable: %s", record.id, exc)
 
