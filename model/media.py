@@ -23,6 +23,7 @@ import re
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -280,6 +281,71 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], *, fps: float) -
         if proc.returncode != 0:
             raise VideoWriteError(f"could not write video {path}: {_ffmpeg_error(log)}")
         os.replace(temp, path)
+    except OSError as exc:
+        raise VideoWriteError(f"could not write video {path}: {exc.strerror or exc}") from exc
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+#: The still-image formats :func:`images_to_mp4` takes, by their first bytes, with ffmpeg's demuxer.
+IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": ("PNG", "png_pipe"), b"\xff\xd8\xff": ("JPEG", "jpeg_pipe")}
+
+
+def _image_format(image: bytes, index: int) -> tuple[str, str]:
+    for magic, image_format in IMAGE_FORMATS.items():
+        if image.startswith(magic):
+            return image_format
+    raise InvalidVideoError(f"image {index} is neither PNG nor JPEG; send frames as PNG or JPEG")
+
+
+def images_to_mp4(
+    images: Sequence[bytes],
+    path: str | os.PathLike[str],
+    *,
+    height: int,
+    width: int,
+    fps: float | Fraction,
+    limits: VideoLimits = DEFAULT_LIMITS,
+) -> Path:
+    """Encode still images (PNG or JPEG files' bytes, all one format), in order, as an H.264 MP4 at
+    ``fps``: each image scaled preserving its aspect ratio until it covers ``height`` x ``width`` and
+    centre-cropped to exactly that size, as :func:`read_video` fits a video.
+
+    The images are untrusted input: ffmpeg reads them from a pipe with only the PNG or JPEG demuxer
+    allowed, refuses frames above ``limits.max_pixels`` and stops at the first one it cannot decode.
+    Raises InvalidVideoError for an image that is neither PNG nor JPEG, a mix of the two, or one that
+    does not decode; InvalidParameterError for bad sizes or fps; VideoWriteError when writing fails.
+    """
+    _check_multiple_of_16("height", height)
+    _check_multiple_of_16("width", width)
+    _check_fps(float(fps))
+    if not images:
+        raise InvalidVideoError("no images to make a video of")
+    formats = [_image_format(image, index) for index, image in enumerate(images)]
+    name, demuxer = formats[0]
+    if any(found != formats[0] for found in formats):
+        raise InvalidVideoError(f"the frames mix PNG and JPEG; send every frame as {name}")
+    rate = Fraction(fps).limit_denominator(1001)
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        *("-hide_banner", "-nostdin", "-loglevel", "error", "-xerror", "-n"),
+        *("-protocol_whitelist", "pipe", "-format_whitelist", demuxer, "-max_pixels", str(limits.max_pixels)),
+        *("-framerate", str(rate), "-f", demuxer, "-i", "pipe:0"),
+        *("-vf", f"scale={width}:{height}:force_original_aspect_ratio=increase,crop={width}:{height}"),
+        *("-c:v", "libx264", "-preset", "medium", "-crf", "18", "-pix_fmt", "yuv420p"),
+        *("-movflags", "+faststart", "-f", "mp4", str(temp)),
+    ]
+    try:
+        proc = subprocess.run(cmd, input=b"".join(images), capture_output=True, timeout=_PROBE_TIMEOUT_S)
+        if proc.returncode != 0:
+            log = proc.stderr.decode("utf-8", "replace")
+            raise InvalidVideoError(f"the {name} frames could not be decoded ({_ffmpeg_error(log)})")
+        os.replace(temp, path)
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidVideoError(f"encoding {len(images)} frames took over {_PROBE_TIMEOUT_S:.0f} s") from exc
     except OSError as exc:
         raise VideoWriteError(f"could not write video {path}: {exc.strerror or exc}") from exc
     finally:

@@ -4,7 +4,7 @@
 
     with Client("http://127.0.0.1:8000") as client:
         job = client.generate("a red ball rolls", height=256, width=256, num_frames=17, steps=20)
-        job = client.wait(job.id, on_progress=lambda j: print(j.status, j.progress))
+        job = client.wait(job.id, on_progress=lambda j: print(j.status, j.progress, j.eta_seconds))
         client.download(job.id, "ball.mp4")
 
 Answers are the gateway's own models from :mod:`service.contract.schemas` (``Job``, ``JobPage``). Every error
@@ -26,11 +26,15 @@ from types import TracebackType
 from typing import Any, BinaryIO, Literal
 
 import httpx
+from httpx_sse import SSEError, connect_sse
 
 from service.contract.schemas import ErrorEnvelope, Job, JobPage, JobStatus, JobType
 
 DEFAULT_API_KEY_HEADER = "X-API-Key"
-# wait(): the first poll comes after MIN_POLL seconds, each quiet one waits BACKOFF times longer, up to MAX_POLL.
+# wait() follows the job's event stream. The gateway sends something at least every 3 s (a ping), so a
+# stream silent for STREAM_SILENCE seconds is buffered by a proxy (or dead) and wait() polls instead.
+STREAM_SILENCE_SECONDS = 8.0
+# Polling: the first poll comes after MIN_POLL seconds, each quiet one waits BACKOFF times longer, up to MAX_POLL.
 MIN_POLL_SECONDS = 0.2
 MAX_POLL_SECONDS = 2.0
 BACKOFF = 1.5
@@ -54,6 +58,12 @@ class ApiError(Exception):
             text = response.text.strip()[:200] or response.reason_phrase
             return cls("http_error", text, None, response.status_code)
         return cls(info.code, info.message, info.param, response.status_code)
+
+    @classmethod
+    def from_envelope(cls, data: str) -> ApiError:
+        """The error of an event stream's ``error`` event (the envelope, without an HTTP status)."""
+        info = ErrorEnvelope.model_validate_json(data).error
+        return cls(info.code, info.message, info.param)
 
 
 class WaitTimeout(TimeoutError):
@@ -219,16 +229,74 @@ class Client:
         *,
         timeout: float = 600.0,
         on_progress: Callable[[Job], None] | None = None,
+        silence_seconds: float = STREAM_SILENCE_SECONDS,
         min_interval: float = MIN_POLL_SECONDS,
         max_interval: float = MAX_POLL_SECONDS,
     ) -> Job:
-        """Poll until the job is succeeded, failed or canceled and return it (check ``job.status``).
+        """Follow the job until it is succeeded, failed or canceled and return it (check ``job.status``).
 
-        Polls back off from ``min_interval`` to ``max_interval`` while nothing changes and start over
-        when the progress moves. ``on_progress`` sees every polled state. Raises :class:`WaitTimeout`
-        after ``timeout`` seconds (the job keeps running).
+        Follows ``GET /jobs/{id}/events`` (resuming with ``Last-Event-ID`` when a stream that was
+        delivering drops). When the stream cannot be opened, or sends nothing for ``silence_seconds`` (a
+        proxy that buffers it), it polls ``GET /jobs/{id}`` instead, backing off from ``min_interval`` to
+        ``max_interval`` while nothing changes. ``on_progress`` sees every state it receives. Raises
+        :class:`WaitTimeout` after ``timeout`` seconds (the job keeps running; on a stream, within the
+        gateway's 3 s ping interval of the deadline).
         """
         deadline = time.monotonic() + timeout
+        job = self._follow_events(job_id, deadline, timeout, on_progress, silence_seconds)
+        if job is not None:
+            return job
+        return self._poll(job_id, deadline, timeout, on_progress, min_interval, max_interval)
+
+    def _follow_events(
+        self,
+        job_id: str,
+        deadline: float,
+        timeout: float,
+        on_progress: Callable[[Job], None] | None,
+        silence_seconds: float,
+    ) -> Job | None:
+        """The job's final state from its event stream; None when the stream does not work (poll)."""
+        job: Job | None = None
+        seen: str | None = None
+        while True:
+            delivered = False
+            headers = {"Last-Event-ID": seen} if seen else {}
+            read_timeout = httpx.Timeout(self._http.timeout.connect, read=silence_seconds)
+            try:
+                with connect_sse(
+                    self._http, "GET", f"/jobs/{job_id}/events", headers=headers, timeout=read_timeout
+                ) as source:
+                    if source.response.status_code == 204:  # ended in the state we have
+                        return job
+                    if source.response.is_error:
+                        return None  # polling reports the error (or finds an older gateway's jobs)
+                    for event in source.iter_sse():
+                        delivered = True
+                        if event.event == "job":
+                            job, seen = Job.model_validate_json(event.data), event.id
+                            if on_progress is not None:
+                                on_progress(job)
+                            if job.status.terminal:
+                                return job
+                        elif event.event == "error":
+                            raise ApiError.from_envelope(event.data)
+                        if time.monotonic() > deadline:
+                            raise WaitTimeout(job or self.get(job_id), timeout)
+            except (httpx.TransportError, SSEError):
+                pass  # silent (buffered), refused or dropped
+            if not delivered or time.monotonic() > deadline:
+                return None
+
+    def _poll(
+        self,
+        job_id: str,
+        deadline: float,
+        timeout: float,
+        on_progress: Callable[[Job], None] | None,
+        min_interval: float,
+        max_interval: float,
+    ) -> Job:
         interval = min_interval
         job = self.get(job_id)
         while True:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from redis import Redis
 
 from service.cli.redis_server import RedisServer
 from service.contract.schemas import JobType
@@ -78,6 +79,17 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture
+def store(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[JobStore]:
+    """A job store of its own (a key prefix named after the test) on the session's Redis; heartbeats
+    expire after 0.3 s."""
+    redis = Redis.from_url(redis_server.url)
+    yield JobStore(
+        redis, prefix=f"store-{request.node.name}", result_ttl_seconds=60, heartbeat_ttl_seconds=0.3
+    )
+    redis.close()
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read the same settings."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("UNIVIGU_")}
@@ -85,14 +97,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env | settings.environment()
 
 
-class WorkerProcess:
-    """`univigu worker --preset tiny` as a child process."""
+TINY_MODEL = ("--preset", "tiny")
+TOY_MODEL = ("--weights", str(REPO / "model" / "assets" / "toy"))  # the shipped toy-world model
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+
+class WorkerProcess:
+    """`univigu worker` as a child process, serving ``model`` (its flags; the tiny preset by default)."""
+
+    def __init__(self, settings: Settings, log_path: Path, model: tuple[str, ...] = TINY_MODEL) -> None:
         self.settings = settings
         self.name = f"test-worker-{uuid.uuid4().hex[:6]}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "service.cli", "worker", "--preset", "tiny", "--name", self.name]
+        command = [sys.executable, "-m", "service.cli", "worker", *model, "--name", self.name]
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, cwd=REPO, env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT

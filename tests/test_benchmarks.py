@@ -23,6 +23,7 @@ from benchmarks import (
     caption_reuse,
     caption_reuse_quality,
     caption_sampler,
+    chat_frames,
     end_to_end,
     fast_path,
     latent_cache,
@@ -194,6 +195,18 @@ def test_caption_batching_benchmark_runs_queued_jobs_both_ways() -> None:
     assert (batched["batch_size"], batched["mean_batch"]) == (3, 3.0)
     for row in result["rows"]:
         assert_number(row["jobs_per_minute"], positive=True)
+
+
+def test_chat_frames_tiny_output() -> None:
+    result = chat_frames.run(parse(chat_frames, preset="tiny", n=2, steps=1))
+    assert result["benchmark"] == "chat_frames" and result["frames_sent"] == 10
+    rows = {row["way"]: row for row in result["rows"]}
+    # The tiny preset's clip is 17 frames at 8 fps: ten frames spread over it, or nine consecutive ones.
+    assert {way: row["clip_frames"] for way, row in rows.items()} == {"mp4": 17, "spread": 17, "model_fps": 9}
+    assert rows["mp4"]["agreement"] is None
+    for row in rows.values():
+        assert 0 <= row["accuracy"] <= 1
+    assert 0 <= rows["spread"]["agreement"] <= 1 and 0 <= rows["model_fps"]["agreement"] <= 1
 
 
 def test_caption_sampler_tiny_output() -> None:

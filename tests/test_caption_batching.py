@@ -153,8 +153,8 @@ def test_a_job_canceled_in_a_batch_stops_alone_and_the_others_finish(pipe, servi
     progress = service.store.progress
     running: list[tuple[str, ...]] = []
 
-    def cancel_second_at_half(job_id: str, percent: int) -> None:
-        progress(job_id, percent)
+    def cancel_second_at_half(job_id: str, percent: int, **estimate: Any) -> None:
+        progress(job_id, percent, **estimate)
         running.append(service.runner.current_jobs)
         if job_id == first and percent == 50:
             service.store.cancel(second)  # what POST /jobs/{id}/cancel does to a running job

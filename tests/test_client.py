@@ -8,10 +8,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import imageio_ffmpeg
 import pytest
 from conftest import REPO, TINY_VIDEO, settings_env
-from live_http import LiveService, live_service, serve_gateway
+from live_http import LiveService, buffering_proxy, live_service, serve_app, serve_gateway
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.cli.redis_server import RedisServer
 from service.client import ApiError, Client, WaitTimeout
@@ -22,11 +24,14 @@ pytestmark = pytest.mark.slow
 # Runs long enough to be caught queued or running (it is canceled, never run to the end); 64x64x17
 # finished before the cancel once workers warm up.
 LONG_VIDEO = {"height": 128, "width": 128, "num_frames": 33, "steps": 100}
+# Runs for seconds, in many progress states.
+STEPPED_VIDEO = {"height": 64, "width": 64, "num_frames": 9, "steps": 60}
 
 
 @pytest.fixture(scope="module")
 def live(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
-    with live_service(redis_server, tmp_path_factory.mktemp("client")) as service:
+    # Streams read every 0.05 s, so that even a fast machine shows a few live states of a short job.
+    with live_service(redis_server, tmp_path_factory.mktemp("client"), events_poll_seconds=0.05) as service:
         yield service
 
 
@@ -129,6 +134,48 @@ def test_wait_times_out_then_cancel_stops_the_job(client: Client) -> None:
     with pytest.raises(ApiError) as finished:
         client.cancel(job.id)
     assert (finished.value.status, finished.value.code, finished.value.param) == (409, "job_finished", "id")
+
+
+def requests_by_route(url: str) -> dict[str, float]:
+    """The gateway's GET request counts by route template, from its Prometheus metrics."""
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "univigu_http_requests_total" and sample.labels["method"] == "GET":
+                route = sample.labels["route"]
+                counts[route] = counts.get(route, 0.0) + sample.value
+    return counts
+
+
+def test_wait_follows_the_event_stream_instead_of_polling(client: Client, live: LiveService) -> None:
+    job = client.generate("a green circle", seed=4, **STEPPED_VIDEO)
+    before = requests_by_route(live.url)
+    seen: list[Job] = []
+    done = client.wait(job.id, timeout=120, on_progress=seen.append)
+    after = requests_by_route(live.url)
+    assert done.status == JobStatus.succeeded and seen[-1] == done
+    assert any(0 < state.progress < 100 for state in seen), [state.progress for state in seen]
+    assert after.get("/jobs/{job_id}/events", 0) == before.get("/jobs/{job_id}/events", 0) + 1
+    assert after.get("/jobs/{job_id}", 0) == before.get("/jobs/{job_id}", 0), "wait() polled"
+
+
+def test_wait_polls_when_a_proxy_buffers_the_event_stream(client: Client, live: LiveService) -> None:
+    paths: list[str] = []
+    busy = client.generate("keeps the one worker busy", **LONG_VIDEO)  # so the job waits, its stream silent
+    seen: list[Job] = []
+
+    def follow(job: Job) -> None:
+        if not seen:  # the first state wait() sees comes from polling: let the job run now
+            client.cancel(busy.id)
+        seen.append(job)
+
+    with serve_app(buffering_proxy(live.url, paths)) as url, Client(url) as proxied:
+        job = proxied.generate("a yellow square", seed=6, **TINY_VIDEO)
+        done = proxied.wait(job.id, timeout=120, on_progress=follow, silence_seconds=1.0)
+    assert done.status == JobStatus.succeeded and seen[-1] == done
+    assert paths.count(f"/jobs/{job.id}/events") == 1, "the silent stream was given up, not retried"
+    assert paths.count(f"/jobs/{job.id}") >= 1, "then it polled"
+    assert paths.index(f"/jobs/{job.id}/events") < paths.index(f"/jobs/{job.id}")
 
 
 def test_api_key_is_sent_in_the_configured_header(live: LiveService) -> None:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from model.errors import InvalidParameterError, InvalidVideoError, VideoTooLargeError, VideoWriteError
-from model.media import VideoLimits, first_frame_jpeg, probe_video, read_video, write_mp4
+from model.media import VideoLimits, first_frame_jpeg, images_to_mp4, probe_video, psnr, read_video, write_mp4
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 BACKGROUND = (20, 20, 80)
@@ -146,6 +147,57 @@ def test_first_frame_jpeg_is_a_scaled_jpeg(square_clip: Path) -> None:
     assert (width, height) == (48, 32)
     with pytest.raises(InvalidParameterError, match="max_side"):
         first_frame_jpeg(square_clip, max_side=0)
+
+
+def encode_image(frame: np.ndarray, codec: str) -> bytes:
+    """One ``(H, W, 3)`` frame as an image file's bytes (``png`` or ``mjpeg``), by the real ffmpeg."""
+    height, width, _ = frame.shape
+    decode = ("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-i", "pipe:0")
+    encode = ("-frames:v", "1", "-c:v", codec, "-f", "image2pipe", "pipe:1")
+    return subprocess.run(
+        [FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", *decode, *encode],
+        input=frame.tobytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+@pytest.mark.parametrize("codec", ["png", "mjpeg"])
+def test_images_become_an_mp4_fitted_as_a_video_is(tmp_path: Path, codec: str) -> None:
+    frames = moving_square(count=9)  # 96x64
+    images = [encode_image(frame, codec) for frame in frames]
+    clip = images_to_mp4(images, tmp_path / "frames.mp4", height=32, width=32, fps=8)
+    from_images = read_video(clip, height=32, width=32, fps=8, max_frames=9)
+    from_video = read_video(
+        write_mp4(frames, tmp_path / "video.mp4", fps=8), height=32, width=32, fps=8, max_frames=9
+    )
+    assert from_images.shape == (9, 32, 32, 3)
+    assert psnr(from_images, from_video) > 30
+
+
+def test_images_at_another_rate_are_resampled_by_the_reader(tmp_path: Path) -> None:
+    images = [encode_image(frame, "png") for frame in moving_square(count=5)]
+    clip = images_to_mp4(images, tmp_path / "slow.mp4", height=32, width=32, fps=Fraction(40, 17))
+    assert read_video(clip, height=32, width=32, fps=8, max_frames=17).shape[0] == 17  # 5 frames over 2.125 s
+
+
+def test_images_to_mp4_refuses_what_is_not_one_kind_of_decodable_image(tmp_path: Path) -> None:
+    frames = moving_square(count=2)
+    png, jpeg = encode_image(frames[0], "png"), encode_image(frames[1], "mjpeg")
+    target = tmp_path / "out.mp4"
+    with pytest.raises(InvalidVideoError, match="image 1 is neither PNG nor JPEG"):
+        images_to_mp4([png, b"GIF89a..."], target, height=32, width=32, fps=8)
+    with pytest.raises(InvalidVideoError, match="mix PNG and JPEG"):
+        images_to_mp4([png, jpeg], target, height=32, width=32, fps=8)
+    with pytest.raises(InvalidVideoError, match="could not be decoded"):
+        images_to_mp4([png, png[: len(png) // 2]], target, height=32, width=32, fps=8)
+    with pytest.raises(InvalidVideoError, match="could not be decoded"):
+        images_to_mp4([png], target, height=32, width=32, fps=8, limits=VideoLimits(max_pixels=96 * 64 - 1))
+    with pytest.raises(InvalidVideoError, match="no images"):
+        images_to_mp4([], target, height=32, width=32, fps=8)
+    with pytest.raises(InvalidParameterError, match="height"):
+        images_to_mp4([png], target, height=30, width=32, fps=8)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
 
 
 # ----------------------------------------------------------------------------- parameter validation

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from conftest import queued
-from redis import Redis
 
-from service.cli.redis_server import RedisServer
 from service.contract.errors import JobNotFound
 from service.contract.schemas import ErrorInfo, JobResult, JobStatus, JobType
 from service.contract.store import JobStore
-
-
-@pytest.fixture
-def store(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[JobStore]:
-    redis = Redis.from_url(redis_server.url)
-    yield JobStore(
-        redis, prefix=f"store-{request.node.name}", result_ttl_seconds=60, heartbeat_ttl_seconds=0.3
-    )
-    redis.close()
 
 
 def test_lifecycle_and_progress_never_decreases(store: JobStore) -> None:

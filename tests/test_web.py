@@ -8,11 +8,12 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from conftest import TINY_VIDEO
-from live_http import LiveService, live_service, serve_gateway
+from live_http import LiveService, buffering_proxy, live_service, serve_app, serve_gateway
 
 from service.cli.redis_server import RedisServer
 from service.client import Client
@@ -32,6 +33,7 @@ CHROMIUM_ARGS = [
 ]
 JOB_TIMEOUT_MS = 120_000
 LONG_VIDEO = {"height": 64, "width": 64, "num_frames": 17, "steps": 100}  # canceled long before its end
+STEPPED_VIDEO = {"height": 64, "width": 64, "num_frames": 9, "steps": 60}  # seconds, in many progress states
 
 
 def missing_browser() -> str | None:
@@ -59,7 +61,8 @@ def browser() -> Iterator[Any]:
 def live(
     browser: Any, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveService]:
-    with live_service(redis_server, tmp_path_factory.mktemp("web")) as service:
+    # Streams read every 0.05 s, so that even a fast machine shows a few live states of a short job.
+    with live_service(redis_server, tmp_path_factory.mktemp("web"), events_poll_seconds=0.05) as service:
         yield service
 
 
@@ -114,6 +117,8 @@ def test_generate_shows_progress_to_100_then_plays_the_video(page: Any, live: Li
             .observe(percent, {childList: true, characterData: true, subtree: true});
     }"""
     )
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(urlsplit(request.url).path))
     page.click("#form-generate button[type=submit]")
     job_id = shown_job_id(page)
 
@@ -121,6 +126,8 @@ def test_generate_shows_progress_to_100_then_plays_the_video(page: Any, live: Li
     wait_status(page, "succeeded")
     seen = [int(text.rstrip("%")) for text in page.evaluate("window.seenPercent")]
     assert seen == sorted(seen) and seen[-1] == 100, seen
+    # The progress came from the job's event stream, not from polling the job.
+    assert requested.count(f"/jobs/{job_id}/events") == 1 and f"/jobs/{job_id}" not in requested
     assert page.inner_text("#job .percent") == "100%"
     assert not page.is_visible("#job .cancel")
 
@@ -148,6 +155,57 @@ def test_generate_shows_progress_to_100_then_plays_the_video(page: Any, live: Li
     recent.wait_for()
     assert "generate · succeeded" in recent.inner_text()
     assert "a red ball rolls" in recent.inner_text()
+
+
+def watch_panel(page: Any) -> None:
+    """Record every text the job panel's percentage and ETA show (window.seenStates)."""
+    page.evaluate(
+        """() => {
+        window.seenStates = [];
+        const record = () => window.seenStates.push([
+            document.querySelector('#job .percent').textContent, document.querySelector('#job .eta').textContent]);
+        for (const selector of ['#job .percent', '#job .eta']) {
+            new MutationObserver(record).observe(
+                document.querySelector(selector), {childList: true, characterData: true, subtree: true});
+        }
+    }"""
+    )
+
+
+def test_a_long_job_shows_live_progress_with_its_eta(page: Any, live: LiveService) -> None:
+    watch_panel(page)
+    fill(page, "generate", {"prompt": "a slow red ball", "seed": 3, **STEPPED_VIDEO})
+    page.click("#form-generate button[type=submit]")
+    shown_job_id(page)
+    wait_status(page, "succeeded")
+    states = page.evaluate("window.seenStates")
+    live_states = [(percent, eta) for percent, eta in states if percent not in ("0%", "100%")]
+    assert len({percent for percent, _ in live_states}) >= 2, states
+    assert any(re.fullmatch(r"about \d+ (s|min) left", eta) for _, eta in live_states), states
+    assert page.inner_text("#job .eta") == ""  # nothing left once it ended
+
+
+def test_behind_a_buffering_proxy_the_page_polls_instead(browser: Any, live: LiveService) -> None:
+    paths: list[str] = []
+    with serve_app(buffering_proxy(live.url, paths)) as url, Client(live.url) as client:
+        busy = client.generate("keeps the one worker busy", **LONG_VIDEO)  # so the page's job waits
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]")
+            fill(page, "generate", {"prompt": "through a proxy", **TINY_VIDEO})
+            page.click("#form-generate button[type=submit]")
+            job_id = shown_job_id(page)  # shown once the page gave up the silent stream and polled
+            assert f"/jobs/{job_id}" in paths
+            client.cancel(busy.id)
+            wait_status(page, "succeeded")
+            assert page.inner_text("#job .percent") == "100%"
+        finally:
+            context.close()
+            if not client.get(busy.id).status.terminal:
+                client.cancel(busy.id)
+    assert paths.count(f"/jobs/{job_id}/events") == 1
 
 
 def test_queue_position_and_cancel_from_the_page(page: Any, live: LiveService) -> None:

@@ -15,12 +15,10 @@ import pytest
 from conftest import assert_envelope, queued, wait_for
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
-from redis import Redis
 from standardwebhooks import Webhook
 from webhook_receiver import HANG, Receiver, webhook_receiver
 
 from model.media import write_mp4
-from service.cli.redis_server import RedisServer
 from service.contract.schemas import ErrorInfo, JobStatus, ServedModel, WebhookDelivery
 from service.contract.settings import Settings
 from service.contract.store import JobStore
@@ -174,13 +172,6 @@ def test_a_name_that_does_not_resolve_is_refused(guarded: TestClient) -> None:
 
 
 # --- the outbox ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[JobStore]:
-    redis = Redis.from_url(redis_server.url)
-    yield JobStore(redis, prefix=f"hooks-{request.node.name}", result_ttl_seconds=60, heartbeat_ttl_seconds=5)
-    redis.close()
 
 
 def test_each_terminal_transition_puts_a_webhook_job_in_the_outbox_once(store: JobStore) -> None:

@@ -45,6 +45,8 @@ from service.contract.schemas import (
     JobType,
 )
 from service.contract.store import JobStore
+from service.contract.timing import StepTiming
+from worker.clock import JobClock
 
 if TYPE_CHECKING:
     from model.pipeline import CaptionResult, CaptionSettings, PreparedCaption, UniViGUPipeline
@@ -137,26 +139,47 @@ class JobRunner:
                 self._current = ()
             self.metrics.busy.set(0)
 
-    def _observe_wait(self, record: JobRecord) -> None:
+    def _clock(self, record: JobRecord) -> JobClock:
+        """The job starts now: its queue wait observed, its clock started."""
         if record.started_at is not None:
             wait = (record.started_at - record.created_at).total_seconds()
             self.metrics.queue_wait.labels(record.type.value).observe(wait)
+        return JobClock(self._typical_timing(record.type))
 
     def _run(self, record: JobRecord) -> None:
-        started = time.monotonic()
-        self._observe_wait(record)
-        result = self._execute(record.id, lambda: self._call(record))
-        self._end(record, result if isinstance(result, Outcome) else Outcome(JobStatus.succeeded, result))
-        self.metrics.run_time.labels(record.type.value).observe(time.monotonic() - started)
+        clock = self._clock(record)
+        result = self._execute(record.id, lambda: self._call(record, clock))
+        outcome = result if isinstance(result, Outcome) else Outcome(JobStatus.succeeded, result)
+        self._end(record, outcome, clock)
 
-    def _end(self, record: JobRecord, outcome: Outcome) -> None:
-        """Record ``outcome``, after dropping a caption's upload and, after an out-of-memory, the
-        failed job's tensors."""
+    def _end(self, record: JobRecord, outcome: Outcome, clock: JobClock) -> None:
+        """Record ``outcome`` (after dropping a caption's upload and, after an out-of-memory, the failed
+        job's tensors), the job's run time and, when it succeeded, its step times."""
         if record.type == JobType.caption:
             self.files.remove_upload(record.id)
         if outcome.error is not None and outcome.error.code == GPU_OOM:
             release_device_memory()
         self._finish(record, outcome)
+        self.metrics.run_time.labels(record.type.value).observe(clock.elapsed())
+        if outcome.status == JobStatus.succeeded:
+            self._record_timing(record, clock)
+
+    def _typical_timing(self, job_type: JobType) -> StepTiming | None:
+        try:
+            return self.store.typical_timing(job_type)
+        except REDIS_UNREACHABLE as exc:
+            log.warning("typical %s times not read, Redis unreachable: %s", job_type.value, exc)
+            return None
+
+    def _record_timing(self, record: JobRecord, clock: JobClock) -> None:
+        """Share a succeeded job's times, from which the gateway estimates later jobs' ETAs."""
+        measured = clock.measured()
+        if measured is None:
+            return
+        try:
+            self.store.record_timing(record.type, measured, clock.elapsed())
+        except REDIS_UNREACHABLE as exc:
+            log.warning("times of job %s not shared, Redis unreachable: %s", record.id, exc)
 
     def abandoned(self, job_id: str, *, reason: str) -> None:
         """Fail a job that rq gave up on while its record was still queued or running."""
@@ -204,9 +227,9 @@ class JobRunner:
     def _params(record: JobRecord) -> dict[str, Any]:
         return PARAMS_BY_TYPE[record.type].model_validate(record.params).model_dump(exclude_none=True)
 
-    def _call(self, record: JobRecord) -> JobResult:
+    def _call(self, record: JobRecord, clock: JobClock) -> JobResult:
         params = self._params(record)
-        progress, should_cancel = self._progress(record), self._should_cancel(record.id)
+        progress, should_cancel = self._progress(record, clock), self._should_cancel(record.id)
         if record.type == JobType.generate:
             video = self.pipeline.generate(**params, progress=progress, should_cancel=should_cancel)
             return self._video_result(record, video, caption=None)
@@ -267,13 +290,14 @@ class JobRunner:
     def _run_captions(self, batching: CaptionBatching, records: Sequence[JobRecord]) -> None:
         """Read every job's video, then denoise the captions of each video size as one batch (a lone
         caption job runs through :meth:`_run`, as every other job)."""
-        started = time.monotonic()
+        clocks = {record.id: self._clock(record) for record in records}
         batches: dict[tuple[object, ...], list[tuple[JobRecord, PreparedCaption]]] = {}
         for record in records:
-            self._observe_wait(record)
-            prepared = self._execute(record.id, partial(self._prepare_caption, batching, record))
+            prepared = self._execute(
+                record.id, partial(self._prepare_caption, batching, record, clocks[record.id])
+            )
             if isinstance(prepared, Outcome):
-                self._end_caption(record, prepared, started)
+                self._end(record, prepared, clocks[record.id])
             else:
                 batches.setdefault(prepared.batch_key, []).append((record, prepared))
         for batch in batches.values():
@@ -285,13 +309,15 @@ class JobRunner:
                 outcome = (
                     outputs if isinstance(outputs, Outcome) else self._caption_outcome(record, outputs[index])
                 )
-                self._end_caption(record, outcome, started)
+                self._end(record, outcome, clocks[record.id])
 
-    def _prepare_caption(self, batching: CaptionBatching, record: JobRecord) -> PreparedCaption:
+    def _prepare_caption(
+        self, batching: CaptionBatching, record: JobRecord, clock: JobClock
+    ) -> PreparedCaption:
         return batching.pipeline.prepare_caption(
             self.files.upload(record.id),
             **self._params(record),
-            progress=self._progress(record),
+            progress=self._progress(record, clock),
             should_cancel=self._should_cancel(record.id),
         )
 
@@ -310,10 +336,6 @@ class JobRunner:
         passes.labels("full").inc(output.full_passes)
         passes.labels("text_only").inc(output.text_only_passes)
         return JobResult(caption=output.text, result_url=f"/jobs/{record.id}/result")
-
-    def _end_caption(self, record: JobRecord, outcome: Outcome, started: float) -> None:
-        self._end(record, outcome)
-        self.metrics.run_time.labels(record.type.value).observe(time.monotonic() - started)
 
     def _video_result(self, record: JobRecord, output: Any, *, caption: str | None) -> JobResult:
         frames = output.frames
@@ -335,17 +357,14 @@ class JobRunner:
     def _payload(record: JobRecord, **fields: Any) -> dict[str, Any]:
         return {"id": record.id, "type": record.type.value, "params": record.params, **fields}
 
-    def _progress(self, record: JobRecord) -> Callable[[int, int], None]:
-        last = time.monotonic()
+    def _progress(self, record: JobRecord, clock: JobClock) -> Callable[[int, int], None]:
         step_time = self.metrics.step_time.labels(record.type.value)
 
         def report(step: int, total: int) -> None:
-            nonlocal last
-            now = time.monotonic()
-            step_time.observe(now - last)
-            last = now
+            step_time.observe(clock.step())
+            percent = min(100, max(0, 100 * step // max(total, 1)))
             try:
-                self.store.progress(record.id, min(100, max(0, 100 * step // max(total, 1))))
+                self.store.progress(record.id, percent, ends_at=time.time() + clock.remaining(step, total))
             except REDIS_UNREACHABLE as exc:
                 log.warning("progress of job %s not saved, Redis unreachable: %s", record.id, exc)
 

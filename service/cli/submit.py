@@ -66,8 +66,19 @@ def _send(client: Client, args: argparse.Namespace) -> Job:
     return client.generate(args.prompt, **options)
 
 
+def _label(job: Job) -> str:
+    """``queued, 2 ahead, about 40 s left`` / ``running, about 3 s left`` / ``succeeded``."""
+    parts = [job.status.value]
+    if job.status == JobStatus.queued and job.queue_position is not None:
+        parts.append(f"{job.queue_position} ahead")
+    if job.eta_seconds is not None:
+        parts.append(f"about {job.eta_seconds:.0f} s left")
+    return ", ".join(parts)
+
+
 def _follow(client: Client, job: Job, timeout: float) -> Job:
-    """``client.wait`` with a progress bar (tqdm where installed, else one line per change)."""
+    """``client.wait`` (the job's event stream, or polling behind a buffering proxy) with a progress bar
+    (tqdm where installed, else one line per change)."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -81,7 +92,7 @@ def _follow(client: Client, job: Job, timeout: float) -> Job:
         if last and last[-1] == state:
             return
         last.append(state)
-        label = f"queued, {now.queue_position} ahead" if now.status == JobStatus.queued else now.status.value
+        label = _label(now)
         if bar is None:
             print(f"{now.id[:8]} {label} {now.progress}%", file=sys.stderr)
             return

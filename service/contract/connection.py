@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from redis import Redis
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -28,6 +30,21 @@ def connect_redis(settings: Settings, *, blocking: bool = False) -> Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+
+
+def connect_async_redis(settings: Settings, *, max_connections: int) -> AsyncRedis:
+    """An asyncio client over at most ``max_connections`` connections, for many concurrent readers on
+    one event loop. A command waits for a free connection as long as it takes (a burst of readers
+    queues; it is not an outage); on the connection, the usual timeouts apply."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=max_connections,
+        timeout=None,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        socket_timeout=settings.redis_timeout_seconds,
+        health_check_interval=30,
+    )
+    return AsyncRedis(connection_pool=pool)
 
 
 def job_store(settings: Settings, redis: Redis) -> JobStore:

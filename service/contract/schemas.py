@@ -255,6 +255,8 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     owner: str | None = None
     webhook: WebhookDelivery | None = None
+    ends_at: float | None = None
+    """When a running job should end (Unix seconds), as its worker last estimated (``service.contract.timing``)."""
 
 
 class Job(BaseModel):
@@ -265,6 +267,11 @@ class Job(BaseModel):
     status: JobStatus
     progress: int = Field(description="0-100 from denoising steps; never decreases.")
     queue_position: int | None = Field(None, description="Jobs ahead of this one while queued (0: next).")
+    eta_seconds: float | None = Field(
+        None,
+        description="Seconds until the job should end, from measured step times, while queued or running; "
+        "null once it ended or while no estimate exists yet.",
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -275,10 +282,13 @@ class Job(BaseModel):
     webhook: WebhookDelivery | None = Field(None, description="The job's webhook and its delivery state.")
 
     @classmethod
-    def from_record(cls, record: JobRecord, queue_position: int | None = None) -> Job:
+    def from_record(
+        cls, record: JobRecord, queue_position: int | None = None, eta_seconds: float | None = None
+    ) -> Job:
         return cls(
             queue_position=queue_position,
-            **record.model_dump(exclude={"worker", "cancel_requested", "owner"}),
+            eta_seconds=eta_seconds,
+            **record.model_dump(exclude={"worker", "cancel_requested", "owner", "ends_at"}),
         )
 
 

@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         description="How long POST /v1/chat/completions waits for its caption job; then 504 naming the "
         "job, which keeps running.",
     )
+    events_poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="How often the gateway reads the jobs its GET /jobs/{id}/events streams follow (one Redis "
+        "round trip for all of them); an event goes out when a status, progress or queue position changed.",
+    )
     max_json_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest request body other than a caption upload (413 beyond)."
     )

@@ -11,6 +11,8 @@ Keys (``{p}`` is ``settings.key_prefix``):
 - ``{p}:model``: the served model's name, limits and defaults, as the last worker to start published them.
 - ``{p}:webhooks``: the webhook outbox, a sorted set of finished job ids by when their event's next
   delivery attempt is due. The delivery state lives on the record (``webhook_*`` fields).
+- ``{p}:ends``: a hash of running job ids to when each should end; ``{p}:timing``: the moving averages of
+  step, setup and finish times per job type (both explained in ``service.contract.timing``).
 
 Every status transition is one Lua script, so a cancel, a start (or a claim of batch partners), a finish
 and the reaper never race:
@@ -29,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from redis import Redis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 
@@ -42,6 +45,7 @@ from service.contract.schemas import (
     ServedModel,
     WebhookDelivery,
 )
+from service.contract.timing import ALL_TYPES, SMOOTHING, QueueTiming, StepTiming
 
 _START = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
@@ -51,10 +55,15 @@ redis.call('SADD', KEYS[3], ARGV[4])
 return 1
 """
 
+# ARGV: percent, when the job should end ('' if unknown), job id
 _PROGRESS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'progress') or '0') then
   redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'ends_at', ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 end
 return 1
 """
@@ -78,8 +87,20 @@ end
 return started
 """
 
+# Moving averages: ARGV: the newest value's weight, then field, value, field, value, ...
+_AVERAGE = """
+for i = 2, #ARGV, 2 do
+  local value = tonumber(ARGV[i + 1])
+  local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
+  if old then value = old + tonumber(ARGV[1]) * (value - old) end
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.6f', value))
+end
+"""
+
+# KEYS: record, heartbeat, running set, webhook outbox, expected ends.
 # ARGV: status, finished_at, expires_at, ttl, result json, error json, job id, '1' to accept queued too
 _FINISH = """
+redis.call('HDEL', KEYS[5], ARGV[7])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' and not (ARGV[8] == '1' and status == 'queued') then
   redis.call('SREM', KEYS[3], ARGV[7])
@@ -163,6 +184,10 @@ def _now() -> float:
     return time.time()
 
 
+def _floats(raw: dict[bytes, bytes]) -> dict[str, float]:
+    return {field.decode(): float(value) for field, value in raw.items()}
+
+
 def _timestamp(value: str | None) -> datetime | None:
     return datetime.fromtimestamp(float(value), UTC) if value else None
 
@@ -195,6 +220,8 @@ class JobStore:
         self._workers = f"{prefix}:workers"
         self._model = f"{prefix}:model"
         self._webhooks = f"{prefix}:webhooks"
+        self._ends = f"{prefix}:ends"
+        self._timing = f"{prefix}:timing"
         self._start = redis.register_script(_START)
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
@@ -202,6 +229,7 @@ class JobStore:
         self._claim_queued = redis.register_script(_CLAIM_QUEUED)
         self._claim_webhooks = redis.register_script(_CLAIM_WEBHOOKS)
         self._webhook_attempted = redis.register_script(_WEBHOOK_ATTEMPTED)
+        self._average = redis.register_script(_AVERAGE)
 
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -293,16 +321,50 @@ class JobStore:
     def find(self, job_id: str) -> JobRecord | None:
         return self._parse(cast(dict[bytes, bytes], self.redis.hgetall(self._job_key(job_id))))
 
-    def get_with_position(self, job_id: str, queue_key: str) -> tuple[JobRecord, int | None]:
-        """The record and, in the same round trip, its index in the list ``queue_key`` (None if absent)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._job_key(job_id))
-            pipe.lpos(queue_key, job_id)
-            raw, position = pipe.execute()
+    def record_reads(self, pipe: Pipeline | AsyncPipeline, job_id: str, queue_key: str) -> None:
+        """Queue on ``pipe`` (a sync or an asyncio pipeline) the reads :meth:`parse_record_reads` takes:
+        the record and its index in the list ``queue_key``."""
+        pipe.hgetall(self._job_key(job_id))
+        pipe.lpos(queue_key, job_id)
+
+    def parse_record_reads(
+        self, job_id: str, raw: dict[bytes, bytes], position: int | None
+    ) -> tuple[JobRecord, int | None]:
+        """The record and its queue position while queued; JobNotFound if the record is gone."""
         record = self._parse(raw)
         if record is None:
             raise JobNotFound(job_id)
         return record, position if record.status == JobStatus.queued else None
+
+    def get_with_position(self, job_id: str, queue_key: str) -> tuple[JobRecord, int | None]:
+        """The record and, in the same round trip, its index in the list ``queue_key`` (None if absent)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            self.record_reads(pipe, job_id, queue_key)
+            return self.parse_record_reads(job_id, *pipe.execute())
+
+    def timing_reads(self, pipe: Pipeline | AsyncPipeline, *, worker_ttl_seconds: float) -> None:
+        """Queue on ``pipe`` the reads :meth:`parse_timing` takes: what an ETA needs beyond the job's
+        record (see ``service.contract.timing``)."""
+        pipe.hgetall(self._timing)
+        pipe.hvals(self._ends)
+        pipe.zcount(self._workers, _now() - worker_ttl_seconds, "+inf")
+        pipe.get(self._model)
+
+    @staticmethod
+    def parse_timing(replies: list[Any]) -> QueueTiming:
+        averages, ends, live_workers, model = replies
+        steps = None if model is None else ServedModel.model_validate_json(model).defaults.get("steps")
+        return QueueTiming(
+            averages=_floats(averages),
+            ends=[float(value) for value in ends],
+            live_workers=int(live_workers),
+            default_steps=None if steps is None else int(steps),
+        )
+
+    def queue_timing(self, *, worker_ttl_seconds: float) -> QueueTiming:
+        with self.redis.pipeline(transaction=False) as pipe:
+            self.timing_reads(pipe, worker_ttl_seconds=worker_ttl_seconds)
+            return self.parse_timing(pipe.execute())
 
     def get(self, job_id: str) -> JobRecord:
         record = self.find(job_id)
@@ -331,6 +393,7 @@ class JobStore:
             cancel_requested=fields.get("cancel_requested") == "1",
             owner=fields.get("owner"),
             webhook=_webhook(fields),
+            ends_at=float(fields["ends_at"]) if "ends_at" in fields else None,
         )
 
     def page(
@@ -429,8 +492,22 @@ class JobStore:
     def heartbeat(self, job_id: str, worker: str) -> None:
         self.redis.set(self._heartbeat_key(job_id), worker, px=self.heartbeat_ttl_ms)
 
-    def progress(self, job_id: str, percent: int) -> None:
-        self._progress(keys=[self._job_key(job_id)], args=[percent])
+    def progress(self, job_id: str, percent: int, *, ends_at: float | None = None) -> None:
+        """Raise a running job's progress (never lowers it) and record when it should end (Unix seconds)."""
+        keys = [self._job_key(job_id), self._ends]
+        self._progress(keys=keys, args=[percent, "" if ends_at is None else repr(ends_at), job_id])
+
+    def record_timing(self, job_type: JobType, timing: StepTiming, run_seconds: float) -> None:
+        """Fold a succeeded job's times into the moving averages of its type and of all jobs."""
+        fields = {**timing.fields(job_type), ALL_TYPES: run_seconds}
+        args = [str(SMOOTHING), *(str(item) for pair in fields.items() for item in pair)]
+        self._average(keys=[self._timing], args=args)
+
+    def typical_timing(self, job_type: JobType) -> StepTiming | None:
+        """The moving averages of ``job_type``; None before a job of that type has succeeded."""
+        return StepTiming.from_fields(
+            _floats(cast(dict[bytes, bytes], self.redis.hgetall(self._timing))), job_type
+        )
 
     def cancel_requested(self, job_id: str) -> bool:
         """The job was asked to stop: canceled while running, or its record deleted (``delete``)."""
@@ -452,7 +529,13 @@ class JobStore:
 
         False if the job was in another status (already finished, e.g. reaped)."""
         now = _now()
-        keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running, self._webhooks]
+        keys = [
+            self._job_key(job_id),
+            self._heartbeat_key(job_id),
+            self._running,
+            self._webhooks,
+            self._ends,
+        ]
         args: list[str | int] = [
             status.value,
             repr(now),

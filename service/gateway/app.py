@@ -6,6 +6,8 @@ path and the worker loads the model.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +15,7 @@ from fastapi import FastAPI, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from service.contract.connection import connect_redis, job_queue, job_store
+from service.contract.connection import connect_async_redis, connect_redis, job_queue, job_store
 from service.contract.metrics import GatewayMetrics
 from service.contract.result_files import ResultFiles
 from service.contract.schemas import build_request_models
@@ -22,13 +24,17 @@ from service.gateway import openai
 from service.gateway.body_limits import BodyLimitMiddleware
 from service.gateway.dependencies import Services
 from service.gateway.errors import install_error_handlers
+from service.gateway.eta import TimingCache
 from service.gateway.http_metrics import HttpMetricsMiddleware
 from service.gateway.maintenance import Maintenance
 from service.gateway.ratelimit import RateLimiter
-from service.gateway.routes import caption, health, jobs, submit
+from service.gateway.routes import caption, events, health, jobs, submit
 from service.gateway.uploads import FRAMING_BYTES
+from service.gateway.watcher import JobWatcher
 from service.gateway.web import mount_web
 from service.gateway.webhooks.delivery import WebhookDispatcher
+
+WATCHER_CONNECTIONS = 8  # the watcher's round trips and each new stream's first read
 
 
 def build_services(settings: Settings) -> Services:
@@ -42,6 +48,7 @@ def build_services(settings: Settings) -> Services:
         files=ResultFiles(settings.results_dir),
         metrics=GatewayMetrics(store, queue, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
         models=build_request_models(settings),
+        timing=TimingCache(store, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
         rate_limiter=(
             RateLimiter(
                 redis,
@@ -69,9 +76,23 @@ def create_app(settings: Settings) -> FastAPI:
         )
         if webhooks:
             webhooks.start()
+        # Made here, not in build_services: an asyncio client belongs to the loop that serves the app.
+        redis = connect_async_redis(settings, max_connections=WATCHER_CONNECTIONS)
+        app.state.job_watcher = JobWatcher(
+            redis,
+            services.store,
+            services.queue,
+            interval=settings.events_poll_seconds,
+            worker_ttl_seconds=settings.heartbeat_ttl_seconds,
+        )
+        watching = asyncio.create_task(app.state.job_watcher.run(), name="job-watcher")
         try:
             yield
         finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+            await redis.aclose(close_connection_pool=True)
             if webhooks:
                 await run_in_threadpool(webhooks.stop)
             await run_in_threadpool(maintenance.stop)
@@ -99,6 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(submit.build_router(services.models), dependencies=security)
     app.include_router(caption.build_router(services.models), dependencies=security)
     app.include_router(jobs.router, dependencies=security)
+    app.include_router(events.router, dependencies=security)
     app.include_router(health.router)
     # OpenAI clients send the key as "Authorization: Bearer"; the native header works there too.
     bearer = [Security(HTTPBearer(auto_error=False, scheme_name="Bearer"))] if settings.api_keys else []

@@ -23,6 +23,7 @@ from service.contract.schemas import RequestModels
 from service.contract.settings import Settings
 from service.contract.store import JobStore
 from service.gateway.errors import HttpError
+from service.gateway.eta import TimingCache
 from service.gateway.ratelimit import RateLimiter
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
@@ -36,6 +37,7 @@ class Services:
     files: ResultFiles
     metrics: GatewayMetrics
     models: RequestModels
+    timing: TimingCache
     rate_limiter: RateLimiter | None = None
 
 

@@ -2,15 +2,17 @@
 listing, canceling and deleting jobs, and finding their video. The native routes and the
 OpenAI-compatible layer (``service.gateway.openai``) both call these, so both report a job the same way.
 
-Every read on behalf of a caller goes through :func:`read_record` (one job) or :func:`list_records`
-(pages), the one place that decides which jobs a caller may see: with API keys on, a caller sees only
-the jobs its key created, and another key's job answers 404 exactly like an unknown id.
+Every read on behalf of a caller goes through :func:`check_visible` (one job: :func:`read_record`,
+:func:`read_job` and the event stream call it) or :func:`list_records` (pages), the places that decide
+which jobs a caller may see: with API keys on, a caller sees only the jobs its key created, and another
+key's job answers 404 exactly like an unknown id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Collection
 from pathlib import Path
@@ -23,6 +25,7 @@ from model.media import VideoLimits, probe_video
 from service.contract.errors import JobNotFound
 from service.contract.schemas import Job, JobPage, JobRecord, JobStatus, JobType, ServedModel
 from service.contract.store import Idempotency, Submission
+from service.contract.timing import JobSnapshot
 from service.gateway.dependencies import Caller, Services
 from service.gateway.errors import HttpError
 from service.gateway.webhooks.addresses import WebhookRefused, resolve
@@ -157,9 +160,23 @@ def check_against_served_model(services: Services, params: dict[str, Any]) -> No
         )
 
 
+def _shown(services: Services, record: JobRecord, position: int | None) -> Job:
+    """The job as the API shows it: an unfinished one with its ETA (from the shared queue timing)."""
+    if record.status.terminal:
+        return Job.from_record(record)
+    return JobSnapshot(record, position, services.timing.get()).job(time.time())
+
+
 def job_view(services: Services, record: JobRecord) -> Job:
+    """The job as the API shows it, its queue position read while queued."""
     position = services.queue.position(record.id) if record.status == JobStatus.queued else None
-    return Job.from_record(record, queue_position=position)
+    return _shown(services, record, position)
+
+
+def check_visible(caller: Caller, record: JobRecord) -> None:
+    """JobNotFound unless ``caller`` may see the job: with API keys on, only the key that created it."""
+    if caller.owner is not None and record.owner != caller.owner:
+        raise JobNotFound(record.id)
 
 
 def read_record(services: Services, caller: Caller, job_id: str) -> tuple[JobRecord, int | None]:
@@ -170,14 +187,13 @@ def read_record(services: Services, caller: Caller, job_id: str) -> tuple[JobRec
     Every route that reads, downloads, cancels or deletes a job on a caller's behalf, native or
     OpenAI-compatible, reads it here first."""
     record, position = services.store.get_with_position(job_id, services.queue.key)
-    if caller.owner is not None and record.owner != caller.owner:
-        raise JobNotFound(job_id)
+    check_visible(caller, record)
     return record, position
 
 
 def read_job(services: Services, caller: Caller, job_id: str) -> Job:
-    record, position = read_record(services, caller, job_id)
-    return Job.from_record(record, queue_position=position)
+    """The job with its queue position and ETA, as ``caller`` may see it (``GET /jobs/{id}``)."""
+    return _shown(services, *read_record(services, caller, job_id))
 
 
 def list_records(

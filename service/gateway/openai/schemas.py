@@ -73,6 +73,9 @@ class Video(BaseModel):
     job_id: str = Field(description="The native job id: GET /jobs/{job_id} reports the same job.")
     job_status: JobStatus = Field(description="The native status (tells canceled from failed).")
     queue_position: int | None = Field(default=None, description="Jobs ahead of this one while queued.")
+    eta_seconds: float | None = Field(
+        default=None, description="Seconds until the job should end, while queued or in progress."
+    )
     num_frames: int | None = None
     fps: int | None = None
     joint: bool = Field(description="A joint job: the video comes with a description.")
@@ -107,12 +110,18 @@ class VideoUrl(BaseModel):
     url: str
 
 
+class ImageUrl(BaseModel):
+    url: str
+    detail: str | None = Field(default=None, description="Ignored: frames are fitted to the model's size.")
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
     video_url: VideoUrl | str | None = None
+    image_url: ImageUrl | str | None = None
 
 
 class ChatMessageIn(BaseModel):
@@ -124,8 +133,8 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """A chat completion whose user message carries one video (a ``video_url`` part with a ``data:`` URL)
-    and optional text. OpenAI parameters that do not apply to the caption sampler (temperature, top_p,
-    stop, ...) are accepted and ignored."""
+    or its frames (``image_url`` parts, in order), and optional text. OpenAI parameters that do not apply
+    to the caption sampler (top_p, stop, ...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -133,10 +142,23 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessageIn] = Field(min_length=1)
     stream: bool | None = False
     n: int | None = Field(default=None, description="Only 1.")
-    max_tokens: int | None = Field(default=None, description="Longest caption, in tokens.")
+    max_tokens: int | None = Field(
+        default=None,
+        description="Longest caption, in tokens; above the served model's longest caption, that longest one.",
+    )
     max_completion_tokens: int | None = Field(default=None, description="Same as max_tokens.")
     seed: int | None = None
+    temperature: float | None = Field(
+        default=None, description="0 without a seed means seed 0 (the same caption every time); else ignored."
+    )
     steps: int | None = Field(default=None, description="Ours: denoising steps.")
+    frames_fps: float | None = Field(
+        default=None,
+        gt=0,
+        le=240,
+        description="Ours: the frame rate of image_url frames. Omitted: the frames span one clip of the model's "
+        "default length (num_frames / fps), whatever their number.",
+    )
     video_reuse: int | None = Field(
         default=None,
         description="Ours: a full pass over the video every this many steps, text-only passes between "

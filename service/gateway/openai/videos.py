@@ -112,6 +112,7 @@ def to_video(job: Job, model: ServedModel | None) -> Video:
         job_id=job.id,
         job_status=job.status,
         queue_position=job.queue_position,
+        eta_seconds=job.eta_seconds,
         num_frames=frames,
         fps=fps,
         joint=job.type == JobType.joint,

@@ -1,8 +1,8 @@
 """The web page at ``/``: plain HTML, CSS and JavaScript over the HTTP API (no build step, no CDN).
 
 The page builds its forms from ``/openapi.json`` (so field ranges follow the running settings), submits
-with ``fetch`` and polls ``GET /jobs/{id}``; every URL it uses is relative, so it also works behind a
-path prefix.
+with ``fetch`` and follows the job's event stream ``GET /jobs/{id}/events`` (polling ``GET /jobs/{id}``
+where a proxy buffers the stream); every URL it uses is relative, so it also works behind a path prefix.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
-// Uni-ViGU web page: forms built from /openapi.json, fetch() to the API, polling for progress.
-// Every URL is relative so the page also works behind a path prefix.
+// Uni-ViGU web page: forms built from /openapi.json, fetch() to the API, the job's event stream for
+// progress (polling where a proxy buffers the stream). Every URL is relative so the page also works
+// behind a path prefix.
 "use strict";
 
-const POLL_MS = 500; // job panel refresh while the job runs
+const POLL_MS = 500; // job panel refresh while the job runs, when its event stream does not work
+const STREAM_SILENCE_MS = 8000; // the gateway pings every 3 s: a longer silence means a buffering proxy
+const TERMINAL = ["succeeded", "failed", "canceled"];
 const LIST_MS = 2000; // recent jobs refresh
 let keyHeader = "X-API-Key"; // the gateway's default; an apiKey security scheme in /openapi.json wins
 const $ = (selector, root = document) => root.querySelector(selector);
 
 let shown = null; // id of the job in the job panel
 let pollTimer = null;
+let following = null; // AbortController of the job panel's event stream
 
 // --- the API -------------------------------------------------------------------------------------
 
@@ -172,8 +176,75 @@ function showJob(id) {
   for (const selector of [".caption", ".download", ".job-error"]) $(selector, panel).hidden = true;
   delete panel.dataset.loaded;
   clearTimeout(pollTimer);
-  poll(id);
+  following?.abort();
+  follow(id);
   highlight();
+}
+
+// One block of a text/event-stream: {type, id, data}; comment lines are skipped.
+function parseEvent(block) {
+  const event = { type: "message", id: null, data: [] };
+  for (const line of block.split(/\r\n|\r|\n/)) {
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const name = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (name === "event") event.type = value;
+    else if (name === "id") event.id = value;
+    else if (name === "data") event.data.push(value);
+  }
+  return { ...event, data: event.data.join("\n") };
+}
+
+// Follow the job's event stream (fetch, not EventSource, which cannot send the API key header). A stream
+// that drops after delivering resumes with Last-Event-ID; one that cannot be opened or stays silent (a
+// proxy that buffers it) gives way to polling.
+async function follow(id, lastEventId = null) {
+  const controller = new AbortController();
+  following = controller;
+  let silence = null;
+  const listen = () => {
+    clearTimeout(silence);
+    silence = setTimeout(() => controller.abort(), STREAM_SILENCE_MS);
+  };
+  let delivered = false;
+  try {
+    listen();
+    const headers = authHeaders({ Accept: "text/event-stream", ...(lastEventId ? { "Last-Event-ID": lastEventId } : {}) });
+    const response = await fetch(`jobs/${id}/events`, { headers, signal: controller.signal });
+    if (response.status === 204) return; // it ended in the state shown
+    if (!response.ok || !response.body) throw new Error(`the event stream answered ${response.status}`);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      listen();
+      delivered = true;
+      const blocks = (buffer + value).split(/\r\n\r\n|\n\n|\r\r/);
+      buffer = blocks.pop();
+      for (const event of blocks.map(parseEvent)) {
+        if (id !== shown) return;
+        if (event.type === "job") {
+          lastEventId = event.id;
+          const job = JSON.parse(event.data);
+          await render(job);
+          if (TERMINAL.includes(job.status)) return;
+        } else if (event.type === "error") {
+          const { error } = JSON.parse(event.data);
+          showJobError(error);
+          return;
+        }
+      }
+    }
+  } catch {
+    // aborted (silent, or another job shown) or the connection failed: decided below
+  } finally {
+    clearTimeout(silence);
+  }
+  if (following !== controller || id !== shown) return; // another job took the panel
+  if (delivered) follow(id, lastEventId);
+  else poll(id);
 }
 
 async function poll(id) {
@@ -181,19 +252,29 @@ async function poll(id) {
     const job = await api(`jobs/${id}`);
     if (id !== shown) return;
     await render(job);
-    if (!["succeeded", "failed", "canceled"].includes(job.status)) pollTimer = setTimeout(poll, POLL_MS, id);
+    if (!TERMINAL.includes(job.status)) pollTimer = setTimeout(poll, POLL_MS, id);
   } catch (error) {
     if (id !== shown) return;
-    const line = $("#job .job-error");
-    line.textContent = `${error.message}${error.code ? ` (${error.code})` : ""}`;
-    line.hidden = false;
+    showJobError(error);
     if (!(error instanceof HttpError)) pollTimer = setTimeout(poll, POLL_MS * 4, id); // network: retry
   }
 }
 
+function showJobError(error) {
+  const line = $("#job .job-error");
+  line.textContent = `${error.message}${error.code ? ` (${error.code})` : ""}`;
+  line.hidden = false;
+}
+
+// "about 40 s left" / "about 3 min left"; empty without an estimate.
+function etaText(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  return seconds < 90 ? `about ${Math.max(1, Math.round(seconds))} s left` : `about ${Math.round(seconds / 60)} min left`;
+}
+
 async function render(job) {
   const panel = $("#job");
-  const terminal = ["succeeded", "failed", "canceled"].includes(job.status);
+  const terminal = TERMINAL.includes(job.status);
   $(".type", panel).textContent = job.type;
   $(".id", panel).textContent = job.id;
   const status = $(".status", panel);
@@ -204,6 +285,7 @@ async function render(job) {
     job.status === "queued" && ahead !== null ? (ahead === 0 ? "next in the queue" : `${ahead} ahead in the queue`) : "";
   $("progress", panel).value = job.progress;
   $(".percent", panel).textContent = `${job.progress}%`;
+  $(".eta", panel).textContent = terminal ? "" : etaText(job.eta_seconds);
   $(".cancel", panel).hidden = terminal;
   if (job.error) {
     $(".job-error", panel).textContent = `${job.error.message} (${job.error.code})`;
@@ -232,8 +314,7 @@ async function cancelShown() {
   try {
     await render(await api(`jobs/${shown}/cancel`, { method: "POST" }));
   } catch (error) {
-    $("#job .job-error").textContent = `${error.message} (${error.code})`;
-    $("#job .job-error").hidden = false;
+    showJobError(error);
   }
   refreshList();
 }
@@ -252,7 +333,7 @@ async function refreshList() {
     const button = element("button", { type: "button", "data-id": job.id });
     const what = job.params.prompt || (job.type === "caption" ? "uploaded video" : "");
     button.append(element("span", { class: `status-${job.status}` }, `${job.type} · ${job.status}`));
-    if (!["succeeded", "failed", "canceled"].includes(job.status)) button.append(` ${job.progress}%`);
+    if (!TERMINAL.includes(job.status)) button.append(` ${job.progress}%`);
     button.append(element("div", { class: "meta" }, `${new Date(job.created_at).toLocaleString()} · ${what.slice(0, 60)}`));
     const item = element("li");
     item.append(button);
