@@ -1,8 +1,9 @@
 """End to end, per mode: where the time of one ``generate`` / ``caption`` / ``joint`` call goes.
 
 The pipeline is not modified: on the pipeline instance, ``text.encode``, ``vae.encode``, ``vae.decode``
-and ``transformer.forward`` are replaced by timing wrappers (synchronising the device around each
-call), and ``write_mp4`` is timed here on the returned frames. Stages of a call:
+and the transformer's passes (``forward``, and a caption's ``forward_keeping_video`` and ``forward_text``)
+are replaced by timing wrappers (synchronising the device around each call), and ``write_mp4`` is timed
+here on the returned frames. Stages of a call:
 
 * ``text_encoding``: umT5 calls (the prompt; the null prompt only on its first, cached use);
 * ``vae_encode``: the input video to latents (captioning);
@@ -89,7 +90,8 @@ def instrument(pipe: UniViGUPipeline) -> StageTimer:
     timer.wrap(pipe.text, "encode", "text_encoding")
     timer.wrap(pipe.vae, "encode", "vae_encode")
     timer.wrap(pipe.vae, "decode", "vae_decode")
-    timer.wrap(pipe.transformer, "forward", "transformer")
+    for name in ("forward", "forward_keeping_video", "forward_text"):  # a caption's passes with video reuse
+        timer.wrap(pipe.transformer, name, "transformer")
     return timer
 
 

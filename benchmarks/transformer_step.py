@@ -116,6 +116,20 @@ def video_tokens(config: UniViGUConfig, latent: tuple[int, int, int]) -> int:
     return math.prod(n // p for n, p in zip(latent, config.patch_size, strict=True))
 
 
+def _block_flops(config: UniViGUConfig, queries: int, keys: int, context_tokens: int) -> tuple[int, int]:
+    """``(all, attention scores and sums)`` FLOPs of one block whose ``queries`` tokens run and attend over
+    ``keys`` self-attention keys (formula in the module docstring; a full pass has ``queries = keys = S``)."""
+    d, f, lc = config.hidden_size, config.ffn_dim, context_tokens
+    attention = 4 * queries * keys * d + 4 * queries * lc * d
+    return 12 * queries * d * d + 4 * lc * d * d + 4 * queries * d * f + attention, attention
+
+
+def _time_embedding_flops(config: UniViGUConfig) -> int:
+    """One modality's sinusoidal features -> ``temb`` -> the ``(6, D)`` modulation."""
+    d = config.hidden_size
+    return 2 * (config.freq_dim * d + 7 * d * d)
+
+
 def forward_flops(
     config: UniViGUConfig,
     latent: tuple[int, int, int],
@@ -124,28 +138,49 @@ def forward_flops(
     *,
     batch: int = 1,
     text_stream: bool = True,
+    video_head: bool = True,
 ) -> dict[str, float]:
     """``{"total", "attention"}`` FLOPs of one forward pass (formula in the module docstring).
 
     Our network (``text_stream``) embeds both times even when ``L = 0``; diffusers' Wan is
-    ``text_tokens=0, text_stream=False``.
+    ``text_tokens=0, text_stream=False``. A captioning pass skips the video head (``video_head=False``).
     """
-    d, f, v = config.hidden_size, config.ffn_dim, config.vocab_size
+    d = config.hidden_size
     nv = video_tokens(config, latent)
     s, lc = nv + text_tokens, context_tokens
     patch = config.in_channels * math.prod(config.patch_size)
-    attention = 4 * s * s * d + 4 * s * lc * d
-    block = 8 * s * d * d + 4 * s * d * d + 4 * lc * d * d + 4 * s * d * f + attention
+    block, attention = _block_flops(config, s, s, lc)
     once = (
-        2 * nv * d * patch * 2
+        2 * nv * d * patch * (2 if video_head else 1)
         + 2 * lc * d * (config.text_dim + d)
-        + (2 if text_stream else 1) * 2 * (config.freq_dim * d + 7 * d * d)
-        + 2 * text_tokens * d * v
+        + (2 if text_stream else 1) * _time_embedding_flops(config)
+        + 2 * text_tokens * d * config.vocab_size
     )
     return {
         "total": float(batch * (config.num_layers * block + once)),
         "attention": float(batch * config.num_layers * attention),
     }
+
+
+def text_pass_flops(
+    config: UniViGUConfig,
+    latent: tuple[int, int, int],
+    text_tokens: int,
+    context_tokens: int,
+    *,
+    batch: int = 1,
+) -> float:
+    """FLOPs of one text-only pass (``UniViGUTransformer.forward_text``): the ``L`` text tokens through
+    every block, their queries over the ``Nv + L`` kept video and current text keys, the condition
+    projection, the text time embedding and the text head."""
+    d, lc = config.hidden_size, context_tokens
+    block, _ = _block_flops(config, text_tokens, video_tokens(config, latent) + text_tokens, lc)
+    once = (
+        2 * lc * d * (config.text_dim + d)
+        + _time_embedding_flops(config)
+        + 2 * text_tokens * d * config.vocab_size
+    )
+    return float(batch * (config.num_layers * block + once))
 
 
 def cast_like_from_pretrained(wan: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:

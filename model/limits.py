@@ -48,6 +48,12 @@ OPTIONS: dict[str, RequestOption] = {
         RequestOption("step_cache", float, "opt-in first-block step cache threshold, e.g. 0.1 (default off)"),
         RequestOption("max_tokens", int, "caption length, in tokens"),
         RequestOption("prompt", str, "optional text that conditions the caption"),
+        RequestOption(
+            "video_reuse",
+            int,
+            "captioning: a full pass over the video every this many steps, text-only passes between "
+            "(1: exact; at least the steps: one full pass)",
+        ),
     )
 }
 
@@ -67,7 +73,7 @@ VIDEO_OPTIONS = (
 MODE_OPTIONS: dict[Mode, tuple[str, ...]] = {
     "generate": VIDEO_OPTIONS,
     "joint": (*VIDEO_OPTIONS, "max_tokens"),
-    "caption": ("prompt", "steps", "max_tokens", "seed"),
+    "caption": ("prompt", "steps", "max_tokens", "seed", "video_reuse"),
 }
 """Which options each mode takes, besides its input (the prompt of a video mode, the caption's video)."""
 

@@ -70,6 +70,28 @@ class PassState:
     grid: tuple[int, int, int]  # (f, h, w) in patches
 
 
+@dataclass(frozen=True)
+class VideoKeyValues:
+    """Every block's self-attention keys and values over ``[video | text]``, kept from one full pass.
+
+    The video rows are what text queries read from the clean video; a text-only pass
+    (:meth:`UniViGUTransformer.forward_text`) writes its own text keys and values into the text rows, in
+    place, so one buffer per block serves every later step without copying the video rows again.
+    """
+
+    keys: tuple[torch.Tensor, ...]  # per block (B, Nv + L, H, hd), after RMSNorm and the rotary embedding
+    values: tuple[torch.Tensor, ...]  # per block (B, Nv + L, H, hd)
+    num_video: int  # Nv
+
+    def select(self, rows: torch.Tensor) -> VideoKeyValues:
+        """Only the batch rows ``rows (B',)`` (int64 indices), in that order."""
+        return VideoKeyValues(
+            tuple(keys.index_select(0, rows) for keys in self.keys),
+            tuple(values.index_select(0, rows) for values in self.values),
+            self.num_video,
+        )
+
+
 def _backend_name(backend: str) -> AttentionBackendName:
     """diffusers' enum member for ``backend``; :class:`AttentionBackendError` listing the choices otherwise."""
     try:
@@ -215,37 +237,61 @@ class UniViGUBlock(nn.Module):
         self.ffn_t = FeedForward(dim, inner_dim=config.ffn_dim, activation_fn="gelu-approximate")
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def _self_attention(
+    def _rotated_qkv(
         self,
         hidden: torch.Tensor,
         num_video: int,
-        video_rope: RotaryTable,
+        video_rope: RotaryTable | None,
         text_rope: RotaryTable,
-        key_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Joint attention over ``hidden (B, Nv+L, D)`` with a rotary table per modality -> ``(B, Nv+L, D)``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden (B, S, D)``, its first ``num_video`` tokens video -> query, key, value ``(B, S, H, hd)``,
+        query and key RMS-normed and rotated with each modality's table."""
         attn = self.attn1
         query = attn.norm_q(attn.to_q(hidden)).unflatten(2, (attn.heads, -1))  # (B, S, H, hd)
         key = attn.norm_k(attn.to_k(hidden)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(hidden).unflatten(2, (attn.heads, -1))
 
         def rotate(x: torch.Tensor) -> torch.Tensor:
+            if num_video == 0:  # a text-only pass
+                return apply_rotary_emb(x, text_rope, use_real_unbind_dim=-2, sequence_dim=1)
             video = apply_rotary_emb(x[:, :num_video], video_rope, use_real_unbind_dim=-1, sequence_dim=1)
             if x.shape[1] == num_video:  # empty text stream
                 return video
             text = apply_rotary_emb(x[:, num_video:], text_rope, use_real_unbind_dim=-2, sequence_dim=1)
             return torch.cat([video, text], dim=1)
 
+        return rotate(query), rotate(key), value
+
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``query (B, Sq, H, hd)`` over ``key, value (B, Sk, H, hd)``, then ``to_out`` -> ``(B, Sq, D)``."""
+        attn = self.attn1
         out = dispatch_attention_fn(
-            rotate(query),
-            rotate(key),
+            query,
+            key,
             value,
             attn_mask=key_mask,
             backend=attn.processor._attention_backend,
             parallel_config=attn.processor._parallel_config,  # Ulysses under sequence parallelism
         )
-        out = out.flatten(2, 3).type_as(query)  # (B, S, D)
+        out = out.flatten(2, 3).type_as(query)  # (B, Sq, D)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _modulation(self, modulation: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``modulation (B, 6, D)`` plus the block's table -> shift, scale, gate, c_shift, c_scale, c_gate,
+        each ``(B, 1, D)`` float32."""
+        return (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
+
+    def _cross_attention(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``hidden (B, N, D)`` plus its cross-attention to ``context (B, Lc, D)``; a plain residual."""
+        return hidden + self.attn2(self.norm2(hidden.float()).type_as(hidden), context)
+
+    def _text_feed_forward(
+        self, text: torch.Tensor, c_shift: torch.Tensor, c_scale: torch.Tensor, c_gate: torch.Tensor
+    ) -> torch.Tensor:
+        """``text (B, L, D)`` through the text expert ``ffn_t`` with its gated residual."""
+        return _gated_residual(text, self.ffn_t(_modulate(self.norm3_t, text, c_shift, c_scale)), c_gate)
 
     def forward(
         self,
@@ -257,6 +303,7 @@ class UniViGUBlock(nn.Module):
         video_rope: RotaryTable,
         text_rope: RotaryTable,
         key_mask: torch.Tensor | None,
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """One block.
 
@@ -268,15 +315,12 @@ class UniViGUBlock(nn.Module):
             video_rope: ``(cos, sin)`` each ``(Nv, head_dim)``, interleaved pairs.
             text_rope: ``(cos, sin)`` each ``(L, head_dim)``, rotate-half.
             key_mask: ``(B, 1, 1, Nv + L)`` bool, True where a key may be attended; None for no padding.
+            kept: when given, the self-attention's key and value ``(B, Nv + L, H, hd)`` are appended to it.
         Returns:
             ``(B, Nv + L, D)``.
         """
-        shift_v, scale_v, gate_v, c_shift_v, c_scale_v, c_gate_v = (
-            self.scale_shift_table + modulation_v.float()
-        ).chunk(6, dim=1)
-        shift_t, scale_t, gate_t, c_shift_t, c_scale_t, c_gate_t = (
-            self.scale_shift_table + modulation_t.float()
-        ).chunk(6, dim=1)
+        shift_v, scale_v, gate_v, c_shift_v, c_scale_v, c_gate_v = self._modulation(modulation_v)
+        shift_t, scale_t, gate_t, c_shift_t, c_scale_t, c_gate_t = self._modulation(modulation_t)
         video, text = hidden[:, :num_video], hidden[:, num_video:]
 
         # 1. Joint self-attention, each modality modulated and gated with its own values.
@@ -284,7 +328,10 @@ class UniViGUBlock(nn.Module):
             [_modulate(self.norm1, video, shift_v, scale_v), _modulate(self.norm1, text, shift_t, scale_t)],
             dim=1,
         )
-        attn_out = self._self_attention(normed, num_video, video_rope, text_rope, key_mask)
+        query, key, value = self._rotated_qkv(normed, num_video, video_rope, text_rope)
+        if kept is not None:
+            kept.append((key, value))
+        attn_out = self._attend(query, key, value, key_mask)
         hidden = torch.cat(
             [
                 _gated_residual(video, attn_out[:, :num_video], gate_v),
@@ -294,15 +341,42 @@ class UniViGUBlock(nn.Module):
         )
 
         # 2. Cross-attention of the whole sequence to the prompt; plain residual.
-        hidden = hidden + self.attn2(self.norm2(hidden.float()).type_as(hidden), context)
+        hidden = self._cross_attention(hidden, context)
 
         # 3. Feed-forward routed by modality.
         video, text = hidden[:, :num_video], hidden[:, num_video:]
         video = _gated_residual(video, self.ffn(_modulate(self.norm3, video, c_shift_v, c_scale_v)), c_gate_v)
-        text = _gated_residual(
-            text, self.ffn_t(_modulate(self.norm3_t, text, c_shift_t, c_scale_t)), c_gate_t
-        )
+        text = self._text_feed_forward(text, c_shift_t, c_scale_t, c_gate_t)
         return torch.cat([video, text], dim=1)
+
+    def forward_text(
+        self,
+        text: torch.Tensor,
+        context: torch.Tensor,
+        modulation_t: torch.Tensor,
+        text_rope: RotaryTable,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        """The text tokens alone through this block, reading the video from a full pass's keys and values.
+
+        Args:
+            text: ``(B, L, D)``, no padding.
+            context, modulation_t, text_rope: as in :meth:`forward`.
+            keys, values: ``(B, Nv + L, H, hd)`` this block kept in a full pass; the text rows are
+                overwritten with this pass's own.
+        Returns:
+            ``(B, L, D)``: what :meth:`forward` gives the text tokens when the video rows of ``keys`` and
+            ``values`` are those of the same step.
+        """
+        shift, scale, gate, c_shift, c_scale, c_gate = self._modulation(modulation_t)
+        num_video = keys.shape[1] - text.shape[1]
+        query, key, value = self._rotated_qkv(_modulate(self.norm1, text, shift, scale), 0, None, text_rope)
+        keys[:, num_video:] = key
+        values[:, num_video:] = value
+        text = _gated_residual(text, self._attend(query, keys, values, None), gate)
+        text = self._cross_attention(text, context)
+        return self._text_feed_forward(text, c_shift, c_scale, c_gate)
 
 
 class UniViGUTransformer(nn.Module):
@@ -443,21 +517,35 @@ class UniViGUTransformer(nn.Module):
         return hidden, state
 
     def run_blocks(
-        self, hidden: torch.Tensor, state: PassState, blocks: Iterable[UniViGUBlock] | None = None
+        self,
+        hidden: torch.Tensor,
+        state: PassState,
+        blocks: Iterable[UniViGUBlock] | None = None,
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """``hidden (B, Nv + L, D)`` through ``blocks`` (default: all of them, in order) -> the same shape.
 
-        Under :meth:`enable_parallelism` each rank runs the blocks on its share of rows and tokens, and
-        every rank returns the whole result.
+        With ``kept``, every block appends its self-attention key and value ``(B, Nv + L, H, hd)``. Under
+        :meth:`enable_parallelism` each rank runs the blocks on its share of rows and tokens, and every
+        rank returns the whole result; it keeps no keys and values (a rank holds only its share of them).
         """
         blocks = self.blocks if blocks is None else blocks
         if self.parallel is None:
-            return self._run_blocks(hidden, state, blocks)
+            return self._run_blocks(hidden, state, blocks, kept)
+        if kept is not None:
+            raise InvalidParameterError(
+                "video_reuse needs the whole job on one device; this network is split across several",
+                param="video_reuse",
+            )
         local = self.parallel.split(hidden, state)
         return self.parallel.join(self._run_blocks(local.hidden, local.state, blocks), local)
 
     def _run_blocks(
-        self, hidden: torch.Tensor, state: PassState, blocks: Iterable[UniViGUBlock]
+        self,
+        hidden: torch.Tensor,
+        state: PassState,
+        blocks: Iterable[UniViGUBlock],
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         for block in blocks:
             args = (
@@ -473,7 +561,7 @@ class UniViGUTransformer(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 hidden = checkpoint(block, *args, use_reentrant=False)
             else:
-                hidden = block(*args)
+                hidden = block(*args, kept=kept)
         return hidden
 
     def heads(
@@ -495,9 +583,13 @@ class UniViGUTransformer(nn.Module):
             patches = patches.reshape(hidden.shape[0], *state.grid, *self.config.patch_size, -1)
             velocity = patches.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         if compute_logits:
-            shift, scale = (self.scale_shift_table_t + state.temb_t.float()[:, None]).chunk(2, dim=1)
-            logits = self.text_head(hidden[:, num_video:], shift, scale).float()  # (B, L, V)
+            logits = self._text_logits(hidden[:, num_video:], state.temb_t)
         return velocity, logits
+
+    def _text_logits(self, text: torch.Tensor, temb_t: torch.Tensor) -> torch.Tensor:
+        """The text head: ``text (B, L, D)``, ``temb_t (B, D)`` -> logits ``(B, L, V)`` float32."""
+        shift, scale = (self.scale_shift_table_t + temb_t.float()[:, None]).chunk(2, dim=1)  # (B, 1, D)
+        return self.text_head(text, shift, scale).float()
 
     def forward(
         self,
@@ -526,3 +618,56 @@ class UniViGUTransformer(nn.Module):
         hidden, state = self.embed(x_v, x_t, time_v, time_t, cond, text_mask)
         hidden = self.run_blocks(hidden, state)
         return self.heads(hidden, state, compute_velocity=compute_velocity, compute_logits=compute_logits)
+
+    def forward_keeping_video(
+        self,
+        x_v: torch.Tensor,
+        x_t: torch.Tensor,
+        time_v: torch.Tensor,
+        time_t: torch.Tensor,
+        cond: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, VideoKeyValues]:
+        """A full pass, as :meth:`forward` with ``compute_velocity=False``, that also keeps every block's
+        self-attention keys and values for :meth:`forward_text`.
+
+        Returns ``(logits (B, L, V) float32, keys and values)``. They hold ``2 * layers * B * (Nv + L) * D``
+        numbers: 5.7 GiB per video for Wan2.1-1.3B at 480x832, 81 frames, 256 caption tokens in bfloat16.
+        """
+        hidden, state = self.embed(x_v, x_t, time_v, time_t, cond, text_mask)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hidden = self.run_blocks(hidden, state, kept=kept)
+        keys, values = zip(*kept, strict=True)
+        logits = self._text_logits(hidden[:, state.num_video :], state.temb_t)
+        return logits, VideoKeyValues(keys, values, state.num_video)
+
+    def forward_text(
+        self,
+        x_t: torch.Tensor,
+        time_t: torch.Tensor,
+        cond: torch.Tensor,
+        video: VideoKeyValues,
+    ) -> torch.Tensor:
+        """Only the text stream, over the video keys and values ``video`` of an earlier full pass.
+
+        Text queries attend to ``[video's keys | the current text keys]``; cross-attention, the text
+        feed-forward and the text head run as in :meth:`forward`. The video tokens are not run, so what
+        they read from the text stays as it was in that full pass: with the full pass at the same inputs
+        the logits equal :meth:`forward`'s up to float rounding, otherwise they approximate them.
+        The text rows of ``video`` are overwritten.
+
+        Args:
+            x_t: ``(B, L)`` token ids, ``L`` as in the full pass, none of them padding.
+            time_t: ``(B,)`` text times on the 0..1000 scale.
+            cond: ``(B, Lc, text_dim)`` umT5 encoder output.
+            video: what :meth:`forward_keeping_video` kept, for the same ``B`` and ``L``.
+        Returns:
+            logits ``(B, L, V)`` float32.
+        """
+        text = self.vocab_embed(x_t)  # (B, L, D)
+        temb_t, modulation_t = self.time_embedding_t(time_t)  # (B, D), (B, 6, D)
+        context = self.cond_text_embedder(cond.to(self.dtype))  # (B, Lc, D)
+        text_rope = self.rotary_emb_text(x_t.shape[1])
+        for block, keys, values in zip(self.blocks, video.keys, video.values, strict=True):
+            text = block.forward_text(text, context, modulation_t, text_rope, keys, values)
+        return self._text_logits(text, temb_t)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from model.samplers import (
 )
 from model.step_cache import FirstBlockCache, check_threshold
 from model.text import TextSide, build_tiny_encoder, build_tiny_tokenizer, load_encoder, load_tokenizer
+from model.video_reuse import VideoReuse, check_interval
 
 ProgressCallback = Callable[[int, int], None]
 Denoiser = UniViGUTransformer | FirstBlockCache
@@ -79,6 +80,36 @@ class CaptionResult:
     text: str
     tokens: list[int]
     seed: int
+    full_passes: int = 0  # steps that ran the whole network over video and text
+    text_only_passes: int = 0  # steps that ran only the text over reused video keys and values
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """Checked sampling settings of a caption, defaults filled in; captions run as one batch share them."""
+
+    steps: int
+    length: int  # caption tokens L
+    video_reuse: int  # refresh interval of the video keys and values (1: exact)
+
+
+@dataclass(frozen=True)
+class PreparedCaption:
+    """One caption ready for its denoising loop (:meth:`UniViGUPipeline.prepare_caption`)."""
+
+    settings: CaptionSettings
+    latent: torch.Tensor  # (1, C, f, h, w) clean video latent
+    cond: torch.Tensor  # (1, Lc, text_dim)
+    tokens: torch.Tensor  # (1, L) the uniform source
+    seed: int
+    generator: torch.Generator  # this caption's random stream, after the latent and the source
+    progress: ProgressCallback | None = None
+    should_cancel: CancelCheck | None = None
+
+    @property
+    def batch_key(self) -> tuple[CaptionSettings, tuple[int, ...]]:
+        """Captions with equal keys can be denoised as one batch: the same settings and latent size."""
+        return self.settings, tuple(self.latent.shape)
 
 
 @dataclass(frozen=True)
@@ -397,37 +428,119 @@ class UniViGUPipeline:
         steps: int | None = None,
         max_tokens: int | None = None,
         seed: int | None = None,
+        video_reuse: int | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> CaptionResult:
         """Video-to-text: the video latent is held clean; text is denoised from uniform random tokens.
 
         ``video`` is a file (decoded, resampled to the model fps, scaled, centre-cropped and trimmed to
-        4k+1 frames) or uint8 frames ``(T, H, W, 3)`` already at a valid size.
+        4k+1 frames) or uint8 frames ``(T, H, W, 3)`` already at a valid size. ``video_reuse``: a full
+        pass over the video every this many steps and text-only passes between (:mod:`model.video_reuse`);
+        1 is exact; None takes the model's default.
         """
+        job = self.prepare_caption(
+            video,
+            prompt=prompt,
+            steps=steps,
+            max_tokens=max_tokens,
+            seed=seed,
+            video_reuse=video_reuse,
+            progress=progress,
+            should_cancel=should_cancel,
+        )
+        (result,) = self.caption_batch([job])
+        if result is None:
+            raise Canceled("canceled between denoising steps")
+        return result
+
+    def caption_settings(
+        self, steps: int | None = None, max_tokens: int | None = None, video_reuse: int | None = None
+    ) -> CaptionSettings:
+        """The checked sampling settings of a caption, the model's defaults filled in."""
+        d = self.defaults
+        return CaptionSettings(
+            steps=int(limits.check_range("steps", steps or d.steps, 1, 1000)),
+            length=self._caption_length(max_tokens),
+            video_reuse=check_interval(d.video_reuse if video_reuse is None else video_reuse),
+        )
+
+    @torch.inference_mode()
+    def prepare_caption(
+        self,
+        video: str | Path | np.ndarray,
+        *,
+        prompt: str | None = None,
+        steps: int | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        video_reuse: int | None = None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> PreparedCaption:
+        """Everything of one caption before its denoising loop (arguments as in :meth:`caption`): checked
+        options, the clean video latent, the condition and the first tokens. Run the loop with
+        :meth:`caption_batch`, alone or together with other captions of the same :attr:`~PreparedCaption.batch_key`."""
         # 1. Check inputs and fit the video.
-        steps = int(limits.check_range("steps", steps or self.defaults.steps, 1, 1000))
-        length = self._caption_length(max_tokens)
+        settings = self.caption_settings(steps, max_tokens, video_reuse)
         frames = self._fit_video(video)
         seed, generator = self._seeded(seed)
         # 2. Encode the condition (all zeros without a prompt) and the clean video latent.
         cond = self.text.encode([prompt]) if prompt else self._zero_condition()
         latent = self._encode_video(frames, generator)
-        # 3. The discrete source and its clock.
-        sampler = MixturePathTextSampler(steps)
-        tokens = uniform_tokens(1, length, self.transformer.config.vocab_size, self.device, generator)
-        zero = torch.zeros(1, device=self.device)
-        # 4. Denoise the text.
-        for index, time in enumerate(sampler.timesteps):
-            _check_cancel(should_cancel)
-            _, logits = self.transformer(
-                latent, tokens, zero, time.view(1).to(self.device), cond, compute_velocity=False
+        # 3. The discrete source.
+        tokens = uniform_tokens(
+            1, settings.length, self.transformer.config.vocab_size, self.device, generator
+        )
+        return PreparedCaption(settings, latent, cond, tokens, seed, generator, progress, should_cancel)
+
+    @torch.inference_mode()
+    def caption_batch(self, jobs: Sequence[PreparedCaption]) -> list[CaptionResult | None]:
+        """Denoise the captions of ``jobs`` together: one transformer pass per step for the whole batch.
+
+        Each caption draws from its own generator and reports to its own ``progress``, so it equals the
+        caption run alone; one whose ``should_cancel`` answers True leaves the batch before the next step
+        (None in its place) and the others go on. All jobs must share one ``batch_key``.
+        """
+        # 1. Check that the jobs fit one batch.
+        keys = {job.batch_key for job in jobs}
+        if len(keys) != 1:
+            raise InvalidParameterError(
+                f"captions of one batch need the same settings and video size; got {sorted(keys, key=str)}",
+                param="video",
             )
-            tokens = sampler.step(logits, index, tokens, generator)
-            _report(progress, index + 1, steps)
-        # 5. Detokenize.
-        ids = tokens[0].tolist()
-        return CaptionResult(self.text.decode(ids), ids, seed)
+        settings = jobs[0].settings
+        # 2. Stack the rows; the clock and the reuse schedule are shared.
+        sampler = MixturePathTextSampler(settings.steps)
+        network = VideoReuse(self.transformer, settings.video_reuse, settings.steps)
+        latent = torch.cat([job.latent for job in jobs])  # (B, C, f, h, w)
+        cond = torch.cat([job.cond for job in jobs])  # (B, Lc, text_dim)
+        tokens = torch.cat([job.tokens for job in jobs])  # (B, L)
+        running = list(range(len(jobs)))  # the jobs still in the batch, in row order
+        # 3. Denoise the text; canceled rows leave between steps.
+        for index, time in enumerate(sampler.timesteps):
+            staying = [row for row, j in enumerate(running) if not _cancel_requested(jobs[j].should_cancel)]
+            if len(staying) < len(running):
+                rows = torch.tensor(staying, dtype=torch.long, device=self.device)
+                latent, cond, tokens = latent[rows], cond[rows], tokens[rows]
+                network.keep_rows(rows)
+                running = [running[row] for row in staying]
+            if not running:
+                break
+            time_t = time.to(self.device).expand(len(running))  # (B,)
+            logits = network(index, latent, tokens, time_t, cond)
+            tokens = sampler.step_rows(logits, index, tokens, [jobs[j].generator for j in running])
+            for j in running:
+                _report(jobs[j].progress, index + 1, settings.steps)
+        # 4. Detokenize.
+        results: list[CaptionResult | None] = [None] * len(jobs)
+        for row, j in enumerate(running):
+            ids = tokens[row].tolist()
+            passes = network.passes
+            results[j] = CaptionResult(
+                self.text.decode(ids), ids, jobs[j].seed, passes.full, passes.text_only
+            )
+        return results
 
     @torch.inference_mode()
     def reconstruct(self, video: str | Path | np.ndarray, *, seed: int | None = None) -> np.ndarray:
@@ -668,8 +781,12 @@ def _skipped_steps(network: Denoiser) -> int:
     return network.stats.skipped if isinstance(network, FirstBlockCache) else 0
 
 
+def _cancel_requested(should_cancel: CancelCheck | None) -> bool:
+    return should_cancel is not None and should_cancel()
+
+
 def _check_cancel(should_cancel: CancelCheck | None) -> None:
-    if should_cancel is not None and should_cancel():
+    if _cancel_requested(should_cancel):
         raise Canceled("canceled between denoising steps")
 
 

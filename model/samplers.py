@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -143,6 +144,18 @@ class MixturePathTextSampler:
             return proposal
         jump = torch.rand(tokens.shape, generator=generator, device=tokens.device) < probability
         return torch.where(jump & (proposal != tokens), proposal, tokens)
+
+    def step_rows(
+        self, logits: torch.Tensor, index: int, tokens: torch.Tensor, generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
+        """:meth:`step` for a batch whose row ``i`` draws from ``generators[i]``, so that a row's tokens do
+        not depend on the other rows: a caption run in a batch equals the caption run alone.
+        ``logits (B, L, V)``, ``tokens (B, L)`` -> ``(B, L)``."""
+        rows = [
+            self.step(logits[row : row + 1], index, tokens[row : row + 1], generator)
+            for row, generator in zip(range(logits.shape[0]), generators, strict=True)
+        ]
+        return torch.cat(rows)
 
 
 def joint_text_update(

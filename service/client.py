@@ -180,11 +180,16 @@ class Client:
         steps: int | None = None,
         max_tokens: int | None = None,
         seed: int | None = None,
+        video_reuse: int | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
-        """Caption a video file (POST /caption, multipart; the file is streamed, not read into memory)."""
+        """Caption a video file (POST /caption, multipart; the file is streamed, not read into memory).
+
+        ``video_reuse``: a full pass over the video every this many steps (1: exact); None: the model's default."""
         path = Path(path)
-        options = _options(prompt=prompt, steps=steps, max_tokens=max_tokens, seed=seed)
+        options = _options(
+            prompt=prompt, steps=steps, max_tokens=max_tokens, seed=seed, video_reuse=video_reuse
+        )
         fields = {name: str(value) for name, value in options.items()}
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         with path.open("rb") as video:

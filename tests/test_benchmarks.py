@@ -19,6 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
 from benchmarks import (
+    caption_batching,
+    caption_reuse,
+    caption_reuse_quality,
     caption_sampler,
     chat_frames,
     end_to_end,
@@ -115,6 +118,83 @@ def test_flop_formula_matches_torch_flop_counter(text_tokens: int) -> None:
     assert counted_ours.get_total_flops() == formula["total"]
     formula = transformer_step.forward_flops(config, size.latent, 0, size.context_tokens, text_stream=False)
     assert counted_wan.get_total_flops() == formula["total"]
+
+
+def test_text_pass_flop_formula_matches_torch_flop_counter() -> None:
+    """Every matmul of a text-only pass at the tiny size, counted by torch (attention via the math kernel)."""
+    size = transformer_step.SIZES["tiny"]
+    config = size.config
+    _, ours = transformer_step.build_pair(size, torch.device("cpu"), torch.float32, "native", seed=0)
+    x_v = torch.randn(1, config.in_channels, *size.latent)
+    x_t = torch.randint(0, config.vocab_size, (1, 8))
+    cond = torch.randn(1, size.context_tokens, config.text_dim)
+    time = torch.full((1,), 500.0)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counted_full:
+            _, video = ours.forward_keeping_video(x_v, x_t, time, time, cond)
+        with FlopCounterMode(display=False) as counted_text:
+            ours.forward_text(x_t, time, cond, video)
+    full = transformer_step.forward_flops(config, size.latent, 8, size.context_tokens, video_head=False)
+    assert counted_full.get_total_flops() == full["total"]
+    assert counted_text.get_total_flops() == transformer_step.text_pass_flops(
+        config, size.latent, 8, size.context_tokens
+    )
+
+
+def test_caption_flops_at_the_real_shape() -> None:
+    """One full pass and 49 text-only passes against 50 full passes: at least 20x fewer FLOPs."""
+    exact = caption_reuse.caption_flops("real", 256, 50, 1)
+    one_pass = caption_reuse.caption_flops("real", 256, 50, 50)
+    assert (exact["full_passes"], exact["text_passes"], one_pass["full_passes"]) == (50, 0, 1)
+    assert exact["tflop"] / 50 == pytest.approx(287, abs=1)
+    assert exact["tflop"] / one_pass["tflop"] == pytest.approx(34.7, abs=0.1)
+
+
+def test_caption_reuse_benchmark_times_and_compares_every_interval() -> None:
+    args = parse(caption_reuse, size="tiny", intervals="1,2,4", length=8, steps=4, repeats=1, warmup=0)
+    result = caption_reuse.run(args)
+
+    exact, every_other, one_pass = result["rows"]
+    assert (exact["speed_up"], exact["mean_deviation"], exact["flop_ratio"]) == (1.0, 0.0, 1.0)
+    assert exact["argmax_agreement"] == 1.0
+    assert (one_pass["full_passes"], one_pass["text_passes"]) == (1, 3)
+    for row in (every_other, one_pass):
+        assert 0 < row["mean_deviation"] < 0.1 and row["flop_ratio"] > 1
+        assert row["deviation_per_step"][0] == 0.0  # the first step is a full pass
+        assert_number(row["speed_up"], positive=True)
+    assert every_other["deviation_per_step"][2] == 0.0
+
+
+def test_caption_reuse_quality_benchmark_scores_every_variant(tmp_path: Path) -> None:
+    from model.pipeline import UniViGUPipeline
+
+    weights = UniViGUPipeline.from_preset("tiny").save_pretrained(tmp_path / "tiny")
+    args = parse(caption_reuse_quality, weights=weights, n=2, intervals="1,8", batch=2, deviation_clips=2)
+    result = caption_reuse_quality.run(args)
+
+    rows = {(row["split"], row["variant"]): row for row in result["rows"]}
+    assert set(rows) == {
+        (split, variant)
+        for split in ("seen", "held_out")
+        for variant in ("k=1", "k=8", "video alone", "exact, other seeds")
+    }
+    exact = rows["seen", "k=1"]
+    assert (exact["difference"], exact["token_agreement"], exact["identical_captions"]) == (0.0, 1.0, 1.0)
+    assert rows["seen", "k=8"]["full_passes"] == 1
+    for row in rows.values():
+        assert 0 <= row["all"] <= 1 and 0 <= row["token_agreement"] <= 1
+    assert len(result["deviation_per_step"]["8"]["deviation"]) == result["steps"]
+
+
+def test_caption_batching_benchmark_runs_queued_jobs_both_ways() -> None:
+    args = parse(caption_batching, preset="tiny", jobs=3, batch_sizes="1,3", steps=2, repeats=1, warmup=0)
+    result = caption_batching.run(args)
+
+    alone, batched = result["rows"]
+    assert (alone["batch_size"], alone["mean_batch"], alone["speed_up"]) == (1, 1.0, 1.0)
+    assert (batched["batch_size"], batched["mean_batch"]) == (3, 3.0)
+    for row in result["rows"]:
+        assert_number(row["jobs_per_minute"], positive=True)
 
 
 def test_chat_frames_tiny_output() -> None:

@@ -79,9 +79,9 @@ def test_joint_then_caption_its_video(client: Client, tmp_path: Path) -> None:
     video = client.download(joint.id, tmp_path / "cat.mp4")  # auto: the video of a joint job
     assert frame_count(video) == TINY_VIDEO["num_frames"]
 
-    job = client.caption(video, prompt="an animal", steps=2, max_tokens=8, seed=4)
+    job = client.caption(video, prompt="an animal", steps=2, max_tokens=8, seed=4, video_reuse=2)
     assert job.type == JobType.caption
-    assert job.params == {"prompt": "an animal", "steps": 2, "max_tokens": 8, "seed": 4}
+    assert job.params == {"prompt": "an animal", "steps": 2, "max_tokens": 8, "seed": 4, "video_reuse": 2}
     done = client.wait(job.id, timeout=120)
     assert done.status == JobStatus.succeeded, done.error
     assert done.result is not None and done.result.caption
@@ -222,7 +222,9 @@ def test_cli_joint_then_caption_save_outputs_and_print_captions(live: LiveServic
     assert run.stdout.strip() == result["caption"]
     assert frame_count(tmp_path / "cat.mp4") == TINY_VIDEO["num_frames"]
 
-    captioned = run_cli(live, "caption", "cat.mp4", "--steps=2", "--max-tokens=8", "--wait", cwd=tmp_path)
+    captioned = run_cli(
+        live, "caption", "cat.mp4", "--steps=2", "--max-tokens=8", "--video-reuse=2", "--wait", cwd=tmp_path
+    )
     assert captioned.returncode == 0, captioned.stderr
     (saved,) = set(tmp_path.glob("*.json")) - {tmp_path / "cat.json"}  # default name: <job id>.json
     assert captioned.stdout.strip() == json.loads(saved.read_text())["caption"]

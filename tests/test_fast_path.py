@@ -79,7 +79,7 @@ def test_load_with_compile_compiles_the_blocks() -> None:
 def test_warm_up_compiles_every_mode_so_requests_of_the_default_shape_do_not_recompile() -> None:
     pipe = UniViGUPipeline.from_preset("tiny")
     pipe.transformer.compile_blocks("aot_eager")  # inductor would work too, only slower to build
-    seconds = warm_up(pipe, steps=1)
+    seconds = warm_up(pipe, steps=2)  # a caption's first full pass keeps the video's keys and values
     assert list(seconds) == ["generate", "joint", "caption"]
     assert all(value > 0 for value in seconds.values())
     graphs = counters["stats"]["unique_graphs"]

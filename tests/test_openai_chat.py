@@ -63,7 +63,7 @@ def test_a_video_with_text_is_captioned(client: openai.OpenAI, live: LiveService
         ],
         max_tokens=12,
         seed=5,
-        extra_body={"steps": 3},
+        extra_body={"steps": 3, "video_reuse": 2},
     )
     assert completion.object == "chat.completion" and completion.model == "univigu-tiny"
     (choice,) = completion.choices
@@ -80,7 +80,7 @@ def test_a_video_with_text_is_captioned(client: openai.OpenAI, live: LiveService
     job = httpx.get(f"{live.url}/jobs/{job_id}").json()
     assert job["type"] == "caption" and job["status"] == "succeeded"
     assert job["result"]["caption"] == choice.message.content
-    assert job["params"] == {"prompt": "an animal", "max_tokens": 12, "seed": 5, "steps": 3}
+    assert job["params"] == {"prompt": "an animal", "max_tokens": 12, "seed": 5, "steps": 3, "video_reuse": 2}
     assert completion.created == int(datetime.fromisoformat(job["created_at"]).timestamp())
     assert not (live.settings.results_dir / "uploads" / f"{job_id}.upload").exists()
 

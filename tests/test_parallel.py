@@ -101,7 +101,11 @@ def outputs(plan: ParallelPlan | None) -> dict[str, Any]:
         PROMPT, **{**VIDEO, "steps": 6}, guidance_scale=4.0, step_cache=0.05, seed=3
     )
     results["joint"] = pipe.joint(PROMPT, **VIDEO, guidance_scale=4.0, max_tokens=5, seed=4)
-    results["caption"] = pipe.caption(caption_frames(), steps=3, max_tokens=7, seed=5)
+    # The exact sampler: reusing the video's keys and values needs the whole job on one device.
+    results["caption"] = pipe.caption(caption_frames(), steps=3, max_tokens=7, seed=5, video_reuse=1)
+    if plan is not None:
+        with pytest.raises(InvalidParameterError, match="video_reuse needs the whole job on one device"):
+            pipe.caption(caption_frames(), steps=3, max_tokens=7, seed=5, video_reuse=3)
     return results
 
 

@@ -308,6 +308,8 @@ def test_command_line_generate_and_caption(tmp_path: Path) -> None:
         "tiny",
         "--steps",
         "2",
+        "--video-reuse",
+        "2",
         "--seed",
         "5",
         "--out",

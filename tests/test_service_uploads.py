@@ -141,6 +141,7 @@ def test_the_stream_is_not_read_past_the_limit(tmp_path: Path) -> None:
         ({"steps": "many"}, "steps", "integer"),
         ({"max_tokens": "100000"}, "max_tokens", "less than or equal to 512"),
         ({"seed": "-1"}, "seed", "greater than or equal to 0"),
+        ({"video_reuse": "0"}, "video_reuse", "greater than or equal to 1"),
         ({"height": "64"}, "height", "unknown field"),
     ],
 )

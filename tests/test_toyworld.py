@@ -188,8 +188,13 @@ def test_eval_report_scores_every_mode_and_split(tiny_eval_model):
 def test_eval_generates_with_the_step_cache_it_is_given(tiny_eval_model):
     """The threshold reaches every generated video: it is recorded, and a bad one is the pipeline's error."""
     report = evaluate_model(tiny_eval_model, n=1, seed=3, step_cache=0.1)
-    guidance = UniViGUPipeline.from_pretrained(tiny_eval_model).defaults.guidance_scale
-    assert report["sampling"] == {"steps": 2, "guidance_scale": guidance, "step_cache": 0.1}
+    defaults = UniViGUPipeline.from_pretrained(tiny_eval_model).defaults
+    assert report["sampling"] == {
+        "steps": 2,
+        "guidance_scale": defaults.guidance_scale,
+        "video_reuse": defaults.video_reuse,
+        "step_cache": 0.1,
+    }
     with pytest.raises(InvalidParameterError, match="step_cache"):
         evaluate_model(tiny_eval_model, n=1, seed=3, step_cache=-1.0)
 

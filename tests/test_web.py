@@ -107,6 +107,7 @@ def test_generate_shows_progress_to_100_then_plays_the_video(page: Any, live: Li
     assert page.locator("#generate-num_frames").get_attribute("step") == "4"
     assert height.get_attribute("placeholder") == "default 64"  # the served model's, from GET /model
     assert page.locator("#caption-max_tokens").get_attribute("placeholder") == "default 24"
+    assert page.locator("#caption-video_reuse").get_attribute("placeholder") == "default 8"
     fill(page, "generate", {"prompt": "a red ball rolls", "seed": 7, **TINY_VIDEO})
     page.evaluate(
         """() => {

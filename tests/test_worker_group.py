@@ -172,13 +172,15 @@ def test_a_layout_that_does_not_fit_stops_the_group_with_exit_2(
 
 
 def refuse_video_reuse() -> str:
-    """Run on both ranks of a group: what a group's leader says to a caption that asks for video_reuse."""
+    """Run on both ranks of a group: what a group's leader says to a caption that asks for video reuse, and
+    the default it publishes."""
     plan = ParallelPlan.build(1, 2, torch.device("cpu"))
     rank = Rank(dist.get_rank(), 2, dist.get_rank(), "cpu")
     group = WorkerGroup(rank, plan, dist.new_group(backend="gloo"), ["cpu", "cpu"])
     leader = group.lead(UniViGUPipeline.from_preset("tiny"), "native")
+    assert leader.defaults.video_reuse == 1  # a group captions exactly
     try:
-        leader.caption(np.zeros((5, 32, 32, 3), dtype=np.uint8), video_reuse=True)
+        leader.caption(np.zeros((5, 32, 32, 3), dtype=np.uint8), video_reuse=2)
     except InvalidParameterError as error:
         return f"{error.param}: {error.message}"
     return "accepted"
@@ -186,5 +188,5 @@ def refuse_video_reuse() -> str:
 
 def test_a_group_refuses_video_reuse_before_any_rank_runs() -> None:
     message = run_on_group(2, refuse_video_reuse)[0]
-    assert message.startswith("video_reuse: video_reuse needs the whole job on one device")
+    assert message.startswith("video_reuse: video_reuse 2 needs the whole job on one device")
     assert "splits every job across 2 (guidance_parallel 1 x sequence_parallel 2)" in message

@@ -105,7 +105,7 @@ def test_failures_end_the_job_with_a_code_and_the_runner_keeps_serving(
     assert failed.status == JobStatus.failed
     assert (failed.error.code, failed.error.param) == (code, param)
     assert failed.progress == 50
-    assert runner.current_job is None
+    assert runner.current_jobs == ()
     assert run(runner, lambda: Video(np.zeros((5, 32, 32, 3), dtype=np.uint8))).status == JobStatus.succeeded
     metrics = runner.metrics.registry
     assert (

@@ -24,6 +24,7 @@ within one interval even while the others wait inside a collective that would ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -51,9 +52,10 @@ IDLE_TIMEOUT = timedelta(days=365)
 FROZEN_TIMEOUT = timedelta(minutes=5)
 """A rank whose liveness thread misses a barrier this long counts as gone. A rank whose process died is
 noticed at once (its sockets close); this only bounds a process that is frozen whole."""
-WHOLE_JOB_OPTIONS = ("video_reuse",)
-"""Request options that need a whole job on one device. ``video_reuse`` keeps every block's keys and
-values of the whole video for later text-only passes; a split job holds only a share of them per rank."""
+EXACT_CAPTIONS = 1
+"""The ``video_reuse`` a group captions with: a full pass at every step. Reuse keeps every block's keys
+and values of the whole video for later text-only passes; a split job holds only a share of them per
+rank."""
 
 
 class GroupLayoutError(ValueError):
@@ -191,6 +193,7 @@ class WorkerGroup:
         except (InvalidParameterError, AttentionBackendError) as exc:
             raise GroupLayoutError(exc.message) from exc
         pipeline.decode_video = self.is_leader
+        pipeline.defaults = dataclasses.replace(pipeline.defaults, video_reuse=EXACT_CAPTIONS)
 
     def lead(self, pipeline: UniViGUPipeline, attention_backend: str) -> GroupPipeline:
         """The leader's pipeline: each call runs on the whole group."""
@@ -276,13 +279,13 @@ class GroupPipeline:
         should_cancel: Callable[[], bool] | None = None,
         **arguments: Any,
     ) -> Any:
-        refused = [name for name in WHOLE_JOB_OPTIONS if arguments.get(name)]
-        if refused:
+        if arguments.get("video_reuse", EXACT_CAPTIONS) not in (None, EXACT_CAPTIONS):
             raise InvalidParameterError(
-                f"{refused[0]} needs the whole job on one device, and this worker splits every job across "
-                f"{len(self.group.devices)} (guidance_parallel {self.group.plan.guidance} x sequence_parallel "
-                f"{self.group.plan.sequence}); leave it out, or send the job to a one-device worker",
-                param=refused[0],
+                f"video_reuse {arguments['video_reuse']} needs the whole job on one device, and this worker "
+                f"splits every job across {len(self.group.devices)} (guidance_parallel "
+                f"{self.group.plan.guidance} x sequence_parallel {self.group.plan.sequence}); leave it out "
+                f"or send {EXACT_CAPTIONS} (a group captions exactly), or send the job to a one-device worker",
+                param="video_reuse",
             )
         self.group.send(PipelineCall(mode, arguments))
         try:

@@ -3,9 +3,9 @@
 CUDA state does not survive rq's default fork-per-job, so jobs run in-process. Start one worker per GPU,
 or one worker group per set of GPUs that share each job (:mod:`worker.group`); any number of workers on any
 number of machines may share one Redis. A heartbeat thread marks this worker alive (for /readyz) and
-keeps the running job's heartbeat fresh; if the process dies, the gateway's reaper fails that job as
-``worker_lost`` (see ``Settings.worker_lost_bound_seconds``). A Redis outage does not end the process: when
-rq's loop gives up on Redis, a fresh loop starts in it.
+keeps the running jobs' heartbeats fresh (several for a caption batch); if the process dies, the gateway's
+reaper fails them as ``worker_lost`` (see ``Settings.worker_lost_bound_seconds``). A Redis outage does
+not end the process: when rq's loop gives up on Redis, a fresh loop starts in it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from service.contract.store import JobStore
 from worker import tasks
 from worker.group import WorkerGroup
 from worker.loading import ModelSpec, describe_model, load_pipeline, warm_up
-from worker.runner import JobRunner
+from worker.runner import CaptionBatching, JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class Heartbeat:
     def beat(self) -> None:
         name = self.runner.worker_name
         self.store.worker_alive(name)
-        job_id = self.runner.current_job
-        if job_id is not None:
+        for job_id in self.runner.current_jobs:
             self.store.heartbeat(job_id, name)
         if self.device.type == "cuda":
             self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.device))
@@ -186,7 +185,8 @@ def serve(
 
     files = ResultFiles(settings.results_dir)
     files.ensure_dirs()
-    store = job_store(settings, connect_redis(settings))
+    redis = connect_redis(settings)
+    store = job_store(settings, redis)
     store.publish_model(describe_model(pipeline, group))
     runner = JobRunner(
         served,
@@ -195,6 +195,10 @@ def serve(
         metrics=metrics,
         worker_name=name,
         finish_retry_seconds=settings.finish_retry_seconds,
+        # A group replays each pipeline call on every rank; a batch of captions is not one call.
+        batching=CaptionBatching(pipeline, job_queue(settings, redis), settings.caption_batch_size)
+        if group is None
+        else None,
     )
     tasks.install(runner)
     if group is not None:

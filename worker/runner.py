@@ -1,7 +1,16 @@
-"""Running one job in the worker process: read its record, call the pipeline, store results atomically.
+"""Running jobs in the worker process: read their records, call the pipeline, store results atomically.
 
 Every outcome ends the job: succeeded, canceled, or failed with a code (the model's error codes,
 ``gpu_oom``, ``timeout``, ``storage_error``, ``internal_error``). The worker keeps serving afterwards.
+
+Caption jobs run in batches on a one-device worker (:class:`CaptionBatching`). The caption job that rq
+hands the worker takes up to ``max_size - 1`` partners from the first :data:`CLAIM_SCAN` queued jobs: caption jobs with the
+same steps, length and ``video_reuse`` (the model's defaults filled in), claimed in one Redis script
+(:meth:`JobStore.claim_queued`). Their videos are read one by one; those that fit the same size run as one
+batch (:meth:`UniViGUPipeline.caption_batch`), one batch per size. Each job keeps its seed, progress,
+cancel flag, result and failure: a video that cannot be read fails its own job only, and a job canceled
+mid-batch leaves it while the others go on. An error of the batch itself (out of memory, timeout)
+fails every job in it.
 """
 
 from __future__ import annotations
@@ -10,11 +19,13 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
 from model.errors import Canceled, UniViGUError
@@ -22,19 +33,31 @@ from model.media import write_mp4
 from service.contract.connection import REDIS_UNREACHABLE
 from service.contract.errors import StorageError
 from service.contract.metrics import WorkerMetrics
+from service.contract.queue import JobQueue
 from service.contract.result_files import ResultFiles
-from service.contract.schemas import PARAMS_BY_TYPE, ErrorInfo, JobRecord, JobResult, JobStatus, JobType
+from service.contract.schemas import (
+    PARAMS_BY_TYPE,
+    CaptionParams,
+    ErrorInfo,
+    JobRecord,
+    JobResult,
+    JobStatus,
+    JobType,
+)
 from service.contract.store import JobStore
 from service.contract.timing import StepTiming
 from worker.clock import JobClock
 
 if TYPE_CHECKING:
-    from model.pipeline import UniViGUPipeline
+    from model.pipeline import CaptionResult, CaptionSettings, PreparedCaption, UniViGUPipeline
     from worker.group import GroupPipeline
 
 log = logging.getLogger(__name__)
 
 GPU_OOM = "gpu_oom"
+CLAIM_SCAN = 64
+"""Queued jobs a worker looks through for batch partners of the caption job it starts."""
+T = TypeVar("T")
 
 
 def release_device_memory() -> None:
@@ -53,6 +76,19 @@ class Outcome:
     error: ErrorInfo | None = None
 
 
+CANCELED = Outcome(JobStatus.canceled, error=ErrorInfo(code="canceled", message="canceled on request"))
+
+
+@dataclass(frozen=True)
+class CaptionBatching:
+    """What a worker needs to run caption jobs in batches: the pipeline itself (a worker group's pipeline
+    replays single mode calls only), the queue the partners come from, and the most jobs in a batch."""
+
+    pipeline: UniViGUPipeline
+    queue: JobQueue
+    max_size: int
+
+
 class JobRunner:
     def __init__(
         self,
@@ -63,6 +99,7 @@ class JobRunner:
         metrics: WorkerMetrics,
         worker_name: str,
         finish_retry_seconds: float,
+        batching: CaptionBatching | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.store = store
@@ -72,11 +109,13 @@ class JobRunner:
         # How long a finished job's outcome is retried while Redis is unreachable before giving up
         # (the gateway's reaper then fails the job as worker_lost).
         self.finish_retry_seconds = finish_retry_seconds
-        self._current: str | None = None
+        self.batching = batching  # None: one job at a time
+        self._current: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
     @property
-    def current_job(self) -> str | None:
+    def current_jobs(self) -> tuple[str, ...]:
+        """The jobs this worker is running (several for a caption batch), for their heartbeats."""
         with self._lock:
             return self._current
 
@@ -84,27 +123,40 @@ class JobRunner:
         if not self.store.start(job_id, self.worker_name):
             log.info("job %s is no longer queued (canceled); skipped", job_id)
             return
+        record = self.store.get(job_id)
+        partners = self._batch_partners(record) if record.type == JobType.caption else []
         with self._lock:
-            self._current = job_id
+            self._current = (record.id, *(partner.id for partner in partners))
         self.metrics.busy.set(1)
         try:
-            self._run(self.store.get(job_id))
+            if self.batching is not None and partners:
+                self._run_captions(self.batching, [record, *partners])
+            else:
+                self._run(record)
         finally:
-            # Whatever happens, the heartbeat stops: a job this worker could not finish is reaped.
+            # Whatever happens, the heartbeats stop: a job this worker could not finish is reaped.
             with self._lock:
-                self._current = None
+                self._current = ()
             self.metrics.busy.set(0)
 
-    def _run(self, record: JobRecord) -> None:
-        clock = JobClock(self._typical_timing(record.type))
+    def _clock(self, record: JobRecord) -> JobClock:
+        """The job starts now: its queue wait observed, its clock started."""
         if record.started_at is not None:
             wait = (record.started_at - record.created_at).total_seconds()
             self.metrics.queue_wait.labels(record.type.value).observe(wait)
-        try:
-            outcome = self._execute(record, clock)
-        finally:
-            if record.type == JobType.caption:
-                self.files.remove_upload(record.id)
+        return JobClock(self._typical_timing(record.type))
+
+    def _run(self, record: JobRecord) -> None:
+        clock = self._clock(record)
+        result = self._execute(record.id, lambda: self._call(record, clock))
+        outcome = result if isinstance(result, Outcome) else Outcome(JobStatus.succeeded, result)
+        self._end(record, outcome, clock)
+
+    def _end(self, record: JobRecord, outcome: Outcome, clock: JobClock) -> None:
+        """Record ``outcome`` (after dropping a caption's upload and, after an out-of-memory, the failed
+        job's tensors), the job's run time and, when it succeeded, its step times."""
+        if record.type == JobType.caption:
+            self.files.remove_upload(record.id)
         if outcome.error is not None and outcome.error.code == GPU_OOM:
             release_device_memory()
         self._finish(record, outcome)
@@ -138,46 +190,45 @@ class JobRunner:
         self.files.record_expiry(job_id, self.store.result_ttl_seconds)
 
     def fail_running(self, error: ErrorInfo) -> None:
-        """Fail the job being run, if any, from another thread: its worker group broke (worker.group)."""
-        job_id = self.current_job
-        if job_id is None:
-            return
-        self.store.finish(job_id, JobStatus.failed, error=error)
-        self.files.record_expiry(job_id, self.store.result_ttl_seconds)
+        """Fail the jobs being run, if any, from another thread: its worker group broke (worker.group)."""
+        for job_id in self.current_jobs:
+            self.store.finish(job_id, JobStatus.failed, error=error)
+            self.files.record_expiry(job_id, self.store.result_ttl_seconds)
 
-    def _execute(self, record: JobRecord, clock: JobClock) -> Outcome:
+    def _execute(self, label: str, call: Callable[[], T]) -> T | Outcome:
+        """``call()``, or the outcome its error gives the jobs ``label`` names (logged under that name)."""
         try:
-            return Outcome(JobStatus.succeeded, result=self._call(record, clock))
+            return call()
         except Canceled:
-            log.info("job %s canceled", record.id)
-            return Outcome(
-                JobStatus.canceled, error=ErrorInfo(code="canceled", message="canceled on request")
-            )
+            log.info("job %s canceled", label)
+            return CANCELED
         except UniViGUError as exc:
-            log.info("job %s failed: %s: %s", record.id, exc.code, exc.message)
+            log.info("job %s failed: %s: %s", label, exc.code, exc.message)
             return Outcome(
                 JobStatus.failed, error=ErrorInfo(code=exc.code, message=exc.message, param=exc.param)
             )
         except StorageError as exc:
-            log.warning("job %s could not store its result: %s", record.id, exc)
+            log.warning("job %s could not store its result: %s", label, exc)
             return Outcome(JobStatus.failed, error=ErrorInfo(code=exc.code, message=str(exc)))
         except torch.cuda.OutOfMemoryError as exc:
             # str(exc): a log record that kept the exception would keep the failed job's tensors alive.
-            log.warning("job %s ran out of GPU memory: %s", record.id, str(exc))
+            log.warning("job %s ran out of GPU memory: %s", label, str(exc))
             message = "the GPU ran out of memory; try fewer frames, a smaller size or fewer tokens"
             return Outcome(JobStatus.failed, error=ErrorInfo(code=GPU_OOM, message=message))
         except JobTimeoutException:
-            log.warning("job %s timed out", record.id)
+            log.warning("job %s timed out", label)
             return Outcome(JobStatus.failed, error=ErrorInfo(code="timeout", message="the job ran too long"))
         except Exception:  # the worker's last line: the job fails with a code, the traceback is logged
-            log.exception("job %s failed with an unexpected error", record.id)
+            log.exception("job %s failed with an unexpected error", label)
             message = "the worker hit an unexpected error; it is logged"
             return Outcome(JobStatus.failed, error=ErrorInfo(code="internal_error", message=message))
 
+    @staticmethod
+    def _params(record: JobRecord) -> dict[str, Any]:
+        return PARAMS_BY_TYPE[record.type].model_validate(record.params).model_dump(exclude_none=True)
+
     def _call(self, record: JobRecord, clock: JobClock) -> JobResult:
-        params: dict[str, Any] = (
-            PARAMS_BY_TYPE[record.type].model_validate(record.params).model_dump(exclude_none=True)
-        )
+        params = self._params(record)
         progress, should_cancel = self._progress(record, clock), self._should_cancel(record.id)
         if record.type == JobType.generate:
             video = self.pipeline.generate(**params, progress=progress, should_cancel=should_cancel)
@@ -185,11 +236,105 @@ class JobRunner:
         if record.type == JobType.joint:
             joint = self.pipeline.joint(**params, progress=progress, should_cancel=should_cancel)
             return self._video_result(record, joint, caption=joint.text)
+        self.metrics.caption_batch_size.observe(1)  # a caption job without partners
         upload = self.files.upload(record.id)
         output = self.pipeline.caption(upload, **params, progress=progress, should_cancel=should_cancel)
+        return self._caption_result(record, output)
+
+    # --- caption batches -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _caption_settings(batching: CaptionBatching, record: JobRecord) -> CaptionSettings | None:
+        """The settings a caption job would run with; None when its parameters are invalid (it then
+        fails on its own, with the error)."""
+        try:
+            params = CaptionParams.model_validate(record.params)
+            return batching.pipeline.caption_settings(params.steps, params.max_tokens, params.video_reuse)
+        except (ValidationError, UniViGUError):
+            return None
+
+    def _batch_partners(self, head: JobRecord) -> list[JobRecord]:
+        """Queued caption jobs with ``head``'s settings, claimed (now running on this worker), oldest first."""
+        batching = self.batching
+        if batching is None or batching.max_size < 2:
+            return []
+        settings = self._caption_settings(batching, head)
+        if settings is None:
+            return []
+        try:
+            return self._claim_partners(batching, settings)
+        except REDIS_UNREACHABLE as exc:  # the head job runs alone
+            log.warning("no batch partners for job %s, Redis unreachable: %s", head.id, exc)
+            return []
+
+    def _claim_partners(self, batching: CaptionBatching, settings: CaptionSettings) -> list[JobRecord]:
+        queue = batching.queue
+        candidates = [
+            record.id
+            for record in self.store.find_many(queue.peek(CLAIM_SCAN))
+            if record is not None
+            and record.type == JobType.caption
+            and record.status == JobStatus.queued
+            and self._caption_settings(batching, record) == settings
+        ][: batching.max_size - 1]
+        if not candidates:
+            return []
+        claimed = self.store.claim_queued(
+            candidates,
+            self.worker_name,
+            queue_key=queue.key,
+            queue_entries=[queue.entry_key(job_id) for job_id in candidates],
+        )
+        return [record for record in self.store.find_many(claimed) if record is not None]
+
+    def _run_captions(self, batching: CaptionBatching, records: Sequence[JobRecord]) -> None:
+        """Read every job's video, then denoise the captions of each video size as one batch (a lone
+        caption job runs through :meth:`_run`, as every other job)."""
+        clocks = {record.id: self._clock(record) for record in records}
+        batches: dict[tuple[object, ...], list[tuple[JobRecord, PreparedCaption]]] = {}
+        for record in records:
+            prepared = self._execute(
+                record.id, partial(self._prepare_caption, batching, record, clocks[record.id])
+            )
+            if isinstance(prepared, Outcome):
+                self._end(record, prepared, clocks[record.id])
+            else:
+                batches.setdefault(prepared.batch_key, []).append((record, prepared))
+        for batch in batches.values():
+            label = ", ".join(record.id for record, _ in batch)
+            self.metrics.caption_batch_size.observe(len(batch))
+            jobs = [job for _, job in batch]
+            outputs = self._execute(label, partial(batching.pipeline.caption_batch, jobs))
+            for index, (record, _) in enumerate(batch):
+                outcome = (
+                    outputs if isinstance(outputs, Outcome) else self._caption_outcome(record, outputs[index])
+                )
+                self._end(record, outcome, clocks[record.id])
+
+    def _prepare_caption(
+        self, batching: CaptionBatching, record: JobRecord, clock: JobClock
+    ) -> PreparedCaption:
+        return batching.pipeline.prepare_caption(
+            self.files.upload(record.id),
+            **self._params(record),
+            progress=self._progress(record, clock),
+            should_cancel=self._should_cancel(record.id),
+        )
+
+    def _caption_outcome(self, record: JobRecord, output: CaptionResult | None) -> Outcome:
+        if output is None:
+            log.info("job %s canceled", record.id)
+            return CANCELED
+        stored = self._execute(record.id, lambda: self._caption_result(record, output))
+        return stored if isinstance(stored, Outcome) else Outcome(JobStatus.succeeded, stored)
+
+    def _caption_result(self, record: JobRecord, output: CaptionResult) -> JobResult:
         self.files.write_json(
             record.id, self._payload(record, caption=output.text, tokens=list(output.tokens))
         )
+        passes = self.metrics.caption_steps
+        passes.labels("full").inc(output.full_passes)
+        passes.labels("text_only").inc(output.text_only_passes)
         return JobResult(caption=output.text, result_url=f"/jobs/{record.id}/result")
 
     def _video_result(self, record: JobRecord, output: Any, *, caption: str | None) -> JobResult:

@@ -2,8 +2,9 @@
 
 For fresh scenes of the seen colour+shape pairs and, separately, of the held-out ones:
 
-* captioning: the clip's frames are captioned (no prompt); shape, colour and motion parsed from the
-  caption are compared with the ground truth, per attribute and all three;
+* captioning: the clip's frames are captioned (no prompt, the model's default ``video_reuse``); shape,
+  colour and motion parsed from the caption are compared with the ground truth, per attribute and all
+  three;
 * text-to-video: the video generated for the scene's prompt is read by the analytic detector and
   compared with what the prompt asked;
 * joint: the generated description and the generated video are read and compared with each other
@@ -71,7 +72,8 @@ def _per_scene(
 def evaluate_model(model: Path, *, n: int = 60, seed: int = 1234, step_cache: float | None = None) -> dict:
     """The report for the pipeline folder ``model`` on ``n`` fresh scenes per split and mode."""
     pipe = UniViGUPipeline.from_pretrained(model)
-    sampling = {"steps": pipe.defaults.steps, "guidance_scale": pipe.defaults.guidance_scale}
+    d = pipe.defaults
+    sampling = {"steps": d.steps, "guidance_scale": d.guidance_scale, "video_reuse": d.video_reuse}
     report: dict = {
         "model": str(model),
         "clips_per_split": n,

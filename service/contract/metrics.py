@@ -22,6 +22,7 @@ from service.contract.store import JobStore
 # Seconds: from sub-second tiny-preset steps to long GPU jobs.
 _JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -125,6 +126,19 @@ class WorkerMetrics:
             "Time of one denoising step, by job type.",
             ["type"],
             buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.caption_batch_size = Histogram(
+            "univigu_caption_batch_size",
+            "Caption jobs denoised together as one batch (1: alone).",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.caption_steps = Counter(
+            "univigu_caption_steps_total",
+            "Denoising steps of succeeded caption jobs (one per job and step), by the transformer pass that "
+            "ran them: full (video and text) or text_only (text over reused video keys and values).",
+            ["kind"],
             registry=self.registry,
         )
         self.busy = Gauge("univigu_worker_busy", "1 while this worker runs a job.", registry=self.registry)

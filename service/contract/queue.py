@@ -2,9 +2,16 @@
 
 The gateway never imports the worker (and so never torch): it enqueues ``worker.tasks.run_job`` by name
 with only the job id; the worker reads the parameters from the job record.
+
+Order: rq takes jobs from the head of the list, oldest first. A worker that starts a caption job also
+claims batch partners among the first queued jobs (``worker.runner``, :meth:`JobStore.claim_queued`), so a
+caption job may leave the queue before older jobs of other kinds or settings, together with the older
+caption job it joins; no other job is overtaken.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 from redis import Redis
 from redis.client import Pipeline
@@ -60,6 +67,16 @@ class JobQueue:
             on_failure=Callback(FAILURE_CALLBACK),
             pipeline=pipeline,
         )
+
+    def peek(self, count: int) -> list[str]:
+        """The ids of the first ``count`` queued jobs, next first."""
+        ids = cast(list[bytes], self.rq.connection.lrange(self.key, 0, count - 1))
+        return [job_id.decode() for job_id in ids]
+
+    @staticmethod
+    def entry_key(job_id: str) -> str:
+        """rq's own record of a queued job, which a worker that claims the job deletes."""
+        return RqJob.key_for(job_id)
 
     def position(self, job_id: str) -> int | None:
         return self.rq.get_job_position(job_id)

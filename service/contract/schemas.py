@@ -87,6 +87,14 @@ class CaptionParams(_Params):
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
     max_tokens: int | None = Field(None, ge=1, description="Longest caption, in tokens.")
     seed: int | None = SEED
+    video_reuse: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="A full pass over the video every this many steps and text-only passes between, which "
+        "reuse the video's keys and values (much cheaper; a slightly different caption). 1: exact; at "
+        "least the steps: one full pass only. Omitted: the served model's default (GET /model).",
+    )
 
 
 PARAMS_BY_TYPE: dict[JobType, type[_Params]] = {

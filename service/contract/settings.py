@@ -206,6 +206,14 @@ class Settings(BaseSettings):
         le=100,
         description="Steps of the warm-up jobs (each mode at the default size) run before taking jobs; 0: none.",
     )
+    caption_batch_size: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Most caption jobs a worker denoises together as one batch: queued caption jobs with the "
+        "same steps, max_tokens and video_reuse whose videos fit the same size; each keeps its own seed, "
+        "progress and cancel. 1: one job at a time.",
+    )
     worker_metrics_port: int = Field(
         9100, ge=0, le=65535, description="Each worker's Prometheus port; 0: off."
     )

@@ -14,7 +14,8 @@ Keys (``{p}`` is ``settings.key_prefix``):
 - ``{p}:ends``: a hash of running job ids to when each should end; ``{p}:timing``: the moving averages of
   step, setup and finish times per job type (both explained in ``service.contract.timing``).
 
-Every status transition is one Lua script, so a cancel, a start, a finish and the reaper never race:
+Every status transition is one Lua script, so a cancel, a start (or a claim of batch partners), a finish
+and the reaper never race:
 ``queued -> running -> succeeded | failed | canceled`` and ``queued -> canceled``; terminal is final.
 Progress only ever grows. The script that makes a job terminal also puts a job that has a webhook into
 the outbox, so an event is never lost between the two, whichever process ended the job.
@@ -65,6 +66,25 @@ if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 end
 return 1
+"""
+
+# Batch partners: each job still queued and still in the queue list leaves the list and starts, as in
+# _START; one taken by another worker (no longer listed) or canceled (no longer queued) is skipped.
+# KEYS: queue list, running set, then per job its record, heartbeat and queue entry (deleted).
+# ARGV: started_at, worker, heartbeat ttl ms, then the job ids. Returns the ids started.
+_CLAIM_QUEUED = """
+local started = {}
+for i = 4, #ARGV do
+  local record, heartbeat, entry = KEYS[3 * i - 9], KEYS[3 * i - 8], KEYS[3 * i - 7]
+  if redis.call('HGET', record, 'status') == 'queued' and redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
+    redis.call('HSET', record, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+    redis.call('SET', heartbeat, ARGV[2], 'PX', ARGV[3])
+    redis.call('SADD', KEYS[2], ARGV[i])
+    redis.call('DEL', entry)
+    table.insert(started, ARGV[i])
+  end
+end
+return started
 """
 
 # Moving averages: ARGV: the newest value's weight, then field, value, field, value, ...
@@ -206,6 +226,7 @@ class JobStore:
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_CANCEL)
+        self._claim_queued = redis.register_script(_CLAIM_QUEUED)
         self._claim_webhooks = redis.register_script(_CLAIM_WEBHOOKS)
         self._webhook_attempted = redis.register_script(_WEBHOOK_ATTEMPTED)
         self._average = redis.register_script(_AVERAGE)
@@ -434,6 +455,10 @@ class JobStore:
         score = self.redis.zscore(self._index, job_id)
         return None if score is None else float(score)
 
+    def find_many(self, ids: list[str]) -> list[JobRecord | None]:
+        """The records of ``ids`` in one round trip, None for each that expired or never existed."""
+        return self._records(ids)
+
     def _records(self, ids: list[str]) -> list[JobRecord | None]:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
@@ -450,6 +475,19 @@ class JobStore:
         """queued -> running with a first heartbeat. False if the job is no longer queued (canceled)."""
         keys = [self._job_key(job_id), self._heartbeat_key(job_id), self._running]
         return bool(self._start(keys=keys, args=[repr(_now()), worker, self.heartbeat_ttl_ms, job_id]))
+
+    def claim_queued(
+        self, job_ids: list[str], worker: str, *, queue_key: str, queue_entries: list[str]
+    ) -> list[str]:
+        """Start the queued jobs ``job_ids`` on ``worker`` and take them out of the list ``queue_key``, in one
+        script: atomic against cancels, other workers' dequeues and other claims. ``queue_entries[i]`` is
+        the queue's own key for job ``i`` (rq's job hash), deleted with it. Returns the ids started, in
+        the given order; the others were taken or canceled meanwhile."""
+        keys = [queue_key, self._running]
+        for job_id, entry in zip(job_ids, queue_entries, strict=True):
+            keys += [self._job_key(job_id), self._heartbeat_key(job_id), entry]
+        args: list[str | int] = [repr(_now()), worker, self.heartbeat_ttl_ms, *job_ids]
+        return [job_id.decode() for job_id in cast(list[bytes], self._claim_queued(keys=keys, args=args))]
 
     def heartbeat(self, job_id: str, worker: str) -> None:
         self.redis.set(self._heartbeat_key(job_id), worker, px=self.heartbeat_ttl_ms)

@@ -199,7 +199,13 @@ def _caption_params(
     if tokens is not None:
         tokens = min(tokens, model.max_caption_tokens)
     seed = 0 if body.seed is None and body.temperature == 0 else body.seed
-    fields = {"prompt": prompt, "steps": body.steps, "max_tokens": tokens, "seed": seed}
+    fields = {
+        "prompt": prompt,
+        "steps": body.steps,
+        "max_tokens": tokens,
+        "seed": seed,
+        "video_reuse": body.video_reuse,
+    }
     try:
         params = services.models.caption.model_validate(fields)
     except ValidationError as exc:

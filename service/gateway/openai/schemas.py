@@ -159,6 +159,11 @@ class ChatCompletionRequest(BaseModel):
         description="Ours: the frame rate of image_url frames. Omitted: the frames span one clip of the model's "
         "default length (num_frames / fps), whatever their number.",
     )
+    video_reuse: int | None = Field(
+        default=None,
+        description="Ours: a full pass over the video every this many steps, text-only passes between "
+        "(1: exact); omitted: the served model's default.",
+    )
 
 
 class ChatMessageOut(BaseModel):
