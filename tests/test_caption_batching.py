@@ -84,8 +84,8 @@ class Service:
 def service(redis_server: RedisServer, tmp_path: Path, pipe: UniViGUPipeline) -> Iterator[Service]:
     redis = Redis.from_url(redis_server.url)
     name = f"batch-{uuid.uuid4().hex[:8]}"
-    store = JobStore(redis, prefix=name, result_ttl_seconds=60, heartbeat_ttl_seconds=30)
-    queue = JobQueue(redis, name=name, max_length=100, job_timeout_seconds=600, ttl_seconds=60)
+    store = JobStore(redis, prefix=name, result_ttl_seconds=3600, heartbeat_ttl_seconds=30)
+    queue = JobQueue(redis, name=name, max_length=100, job_timeout_seconds=600, ttl_seconds=3600)
     files = ResultFiles(tmp_path / "results")
     files.ensure_dirs()
     runner = JobRunner(

@@ -34,6 +34,8 @@ CHROMIUM_ARGS = [
 JOB_TIMEOUT_MS = 120_000
 LONG_VIDEO = {"height": 64, "width": 64, "num_frames": 17, "steps": 100}  # canceled long before its end
 STEPPED_VIDEO = {"height": 64, "width": 64, "num_frames": 9, "steps": 60}  # seconds, in many progress states
+# About two minutes on a CPU, far beyond the page's 8 s stream silence; always canceled.
+SILENCE_OUTLASTING_VIDEO = {"height": 256, "width": 256, "num_frames": 65, "steps": 100}
 
 
 def missing_browser() -> str | None:
@@ -188,7 +190,8 @@ def test_a_long_job_shows_live_progress_with_its_eta(page: Any, live: LiveServic
 def test_behind_a_buffering_proxy_the_page_polls_instead(browser: Any, live: LiveService) -> None:
     paths: list[str] = []
     with serve_app(buffering_proxy(live.url, paths)) as url, Client(live.url) as client:
-        busy = client.generate("keeps the one worker busy", **LONG_VIDEO)  # so the page's job waits
+        # The page's job waits behind it, its stream silent until the page gives up on it and polls.
+        busy = client.generate("keeps the one worker busy", **SILENCE_OUTLASTING_VIDEO)
         context = browser.new_context()
         page = context.new_page()
         try:
