@@ -124,8 +124,11 @@ class Client:
         seed: int | None = None,
         step_cache: float | None = None,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
     ) -> Job:
-        """Text to video (POST /generate). Returns the queued job; see :meth:`wait`."""
+        """Text to video (POST /generate). Returns the queued job; see :meth:`wait`.
+
+        ``webhook``: a URL that gets the job's end as a signed event (see docs/api.md, Webhooks)."""
         body = _options(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -137,6 +140,7 @@ class Client:
             guidance_scale=guidance_scale,
             seed=seed,
             step_cache=step_cache,
+            webhook=webhook,
         )
         return self._submit("/generate", idempotency_key, json=body)
 
@@ -155,8 +159,9 @@ class Client:
         max_tokens: int | None = None,
         step_cache: float | None = None,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
     ) -> Job:
-        """A video and its caption from one prompt (POST /joint)."""
+        """A video and its caption from one prompt (POST /joint); ``webhook`` as in :meth:`generate`."""
         body = _options(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -169,6 +174,7 @@ class Client:
             seed=seed,
             max_tokens=max_tokens,
             step_cache=step_cache,
+            webhook=webhook,
         )
         return self._submit("/joint", idempotency_key, json=body)
 
@@ -182,13 +188,20 @@ class Client:
         seed: int | None = None,
         video_reuse: int | None = None,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
     ) -> Job:
         """Caption a video file (POST /caption, multipart; the file is streamed, not read into memory).
 
-        ``video_reuse``: a full pass over the video every this many steps (1: exact); None: the model's default."""
+        ``video_reuse``: a full pass over the video every this many steps (1: exact); None: the model's
+        default. ``webhook`` as in :meth:`generate`."""
         path = Path(path)
         options = _options(
-            prompt=prompt, steps=steps, max_tokens=max_tokens, seed=seed, video_reuse=video_reuse
+            prompt=prompt,
+            steps=steps,
+            max_tokens=max_tokens,
+            seed=seed,
+            video_reuse=video_reuse,
+            webhook=webhook,
         )
         fields = {name: str(value) for name, value in options.items()}
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

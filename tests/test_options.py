@@ -19,7 +19,7 @@ from service.contract.settings import Settings
 
 MODES: tuple[Mode, ...] = ("generate", "joint", "caption")
 INPUT = {"generate": "prompt", "joint": "prompt", "caption": "video"}
-NOT_OPTIONS = {"self", "progress", "should_cancel", "idempotency_key", "path"}
+NOT_OPTIONS = {"self", "progress", "should_cancel", "idempotency_key", "webhook", "path"}
 
 
 def keyword_options(function: Any) -> dict[str, Any]:

@@ -4,9 +4,13 @@ one Redis, with a receiver on the loopback (allowed by setting). Every event is 
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections.abc import Iterator
+from contextlib import redirect_stdout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +20,9 @@ from live_http import serve_gateway
 from test_webhooks import FAST_WEBHOOKS, verified
 from webhook_receiver import webhook_receiver
 
+from service.cli.main import main
 from service.cli.redis_server import RedisServer
+from service.client import Client
 from service.contract.connection import connect_redis, job_store
 from service.contract.settings import Settings
 
@@ -171,3 +177,43 @@ def test_a_private_address_is_refused_at_submit_by_default(service: Service) -> 
         assert (error["code"], error["param"]) == ("invalid_parameter", "webhook")
         assert "127.0.0.1, a loopback, private or link-local address" in error["message"]
         assert http.get("/jobs", params={"limit": 100}).json()["jobs"] == before, "nothing was queued"
+
+
+def test_the_python_client_and_univigu_submit_ask_for_webhooks(service: Service, tmp_path: Path) -> None:
+    """``Client.caption(..., webhook=)`` (a multipart field) and ``univigu submit generate --webhook``."""
+    video = tmp_path / "clip.mp4"
+    with (
+        webhook_receiver() as receiver,
+        serve_gateway(service.settings) as url,
+        Client(url) as client,
+        httpx.Client(base_url=url, timeout=10) as http,
+    ):
+        made = client.wait(client.generate("a green ball", seed=4, **TINY_VIDEO).id, timeout=180)
+        client.download(made.id, video)
+        captioned = client.caption(video, steps=2, max_tokens=4, webhook=receiver.url)
+        with redirect_stdout(io.StringIO()) as printed:
+            assert (
+                main(
+                    [
+                        "submit",
+                        "--url",
+                        url,
+                        "generate",
+                        "a red ball",
+                        "--steps",
+                        "2",
+                        "--webhook",
+                        receiver.url,
+                    ]
+                )
+                == 0
+            )
+        generated = json.loads(printed.getvalue())
+        for job_id in (captioned.id, generated["id"]):
+            delivered(http, job_id)
+        time.sleep(QUIET_SECONDS)
+        events = verified(receiver)
+    assert generated["webhook"]["url"] == receiver.url
+    assert sorted((event["type"], event["data"]["id"]) for event in events) == sorted(
+        [("job.succeeded", captioned.id), ("job.succeeded", generated["id"])]
+    )

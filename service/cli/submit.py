@@ -50,6 +50,7 @@ def register(commands: Any) -> None:
         parser.add_argument("--out", type=Path, help="where --wait saves the output (default: <job id>.*)")
         parser.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits (3600)")
         parser.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+        parser.add_argument("--webhook", help="a URL that gets the job's end as a signed event")
         parser.set_defaults(handler=_submit)
 
     add("generate", "prompt", help="text to video")
@@ -58,7 +59,11 @@ def register(commands: Any) -> None:
 
 
 def _send(client: Client, args: argparse.Namespace) -> Job:
-    options: dict[str, Any] = {**option_values(args, args.job_type), "idempotency_key": args.idempotency_key}
+    options: dict[str, Any] = {
+        **option_values(args, args.job_type),
+        "idempotency_key": args.idempotency_key,
+        "webhook": args.webhook,
+    }
     if args.job_type == JobType.caption:
         return client.caption(args.video, **options)
     if args.job_type == JobType.joint:
