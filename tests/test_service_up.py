@@ -285,3 +285,30 @@ def test_a_taken_port_is_one_line_naming_its_flag(start_up: type[Up], tmp_path: 
         assert flag in errors[0]
         assert setting in errors[0]
         assert "Traceback" not in output
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper that may never come (the test's init)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_sigkilled_up_takes_its_children_with_it_and_frees_the_data_folder(
+    start_up: type[Up], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    killed = start_up(data)
+    killed.wait_up()
+    children = {name: killed.pid_of(name) for name in ("redis-server", "gateway", "worker")}
+    killed.process.kill()
+    killed.process.wait(10)
+    wait_for(lambda: not any(alive(pid) for pid in children.values()), timeout=60, what=f"{children} to end")
+
+    again = start_up(data)
+    again.wait_up()  # the data folder's lock went with the children
+    with httpx.Client(base_url=again.url, timeout=10) as client:
+        job_id = client.post("/generate", json={"prompt": "after", "seed": 1, **TINY_VIDEO}).json()["id"]
+        assert finished(client, job_id)["status"] == "succeeded"

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from redis import Redis
@@ -49,8 +50,10 @@ class RedisServer:
         executable: str | None = None,
         appendfsync: str = "everysec",
         inherit_fds: tuple[int, ...] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.directory = directory
+        self.preexec_fn = preexec_fn  # e.g. `univigu up`'s: the server ends when `up` is killed
         self.appendfsync = appendfsync
         self.inherit_fds = inherit_fds  # e.g. `univigu up`'s data-folder lock, held while this server runs
         self.port = port or free_port()
@@ -81,6 +84,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             pass_fds=self.inherit_fds,
+            preexec_fn=self.preexec_fn,
         )
         client = Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_seconds

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Protocol
 
+from service.cli.parent_death import terminate_with_parent
 from service.cli.redis_server import RedisServer
 from worker.cli import EXIT_CONFIGURATION
 
@@ -140,6 +141,7 @@ class ProcessChild:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             pass_fds=self._inherit_fds,
+            preexec_fn=terminate_with_parent(),
         )
         assert self._process.stdout is not None
         self._tail = _Tail(self._process.stdout)

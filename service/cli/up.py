@@ -27,6 +27,7 @@ from types import FrameType
 from urllib.error import URLError
 
 from service.cli.data_folder import DataFolder, DataFolderError, default_data_dir
+from service.cli.parent_death import terminate_with_parent
 from service.cli.ports import PortUnavailable, check_port
 from service.cli.redis_server import RedisServer, RedisServerNotFound, free_port
 from service.cli.supervisor import Child, CrashLoop, ProcessChild, RedisChild, Supervisor
@@ -129,7 +130,9 @@ def run_up(settings: Settings, *, model: list[str], device: str) -> int:
             redis = (
                 None
                 if "redis_url" in settings.model_fields_set
-                else RedisServer(folder.redis_dir, inherit_fds=(folder.lock_fd,))
+                else RedisServer(
+                    folder.redis_dir, inherit_fds=(folder.lock_fd,), preexec_fn=terminate_with_parent()
+                )
             )
             return _supervise(
                 settings, folder, redis, model=model, device=device, metrics_port=metrics_port, stop=stop
