@@ -43,6 +43,7 @@ from service.contract.schemas import (
     JobResult,
     JobStatus,
     JobType,
+    ModelIdentity,
 )
 from service.contract.store import JobStore
 from service.contract.timing import StepTiming
@@ -102,6 +103,7 @@ class JobRunner:
         batching: CaptionBatching | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.model = ModelIdentity(**pipeline.identity())  # hashes the weights once, at start
         self.store = store
         self.files = files
         self.metrics = metrics
@@ -329,13 +331,17 @@ class JobRunner:
         return stored if isinstance(stored, Outcome) else Outcome(JobStatus.succeeded, stored)
 
     def _caption_result(self, record: JobRecord, output: CaptionResult) -> JobResult:
-        self.files.write_json(
-            record.id, self._payload(record, caption=output.text, tokens=list(output.tokens))
+        result = JobResult(
+            caption=output.text,
+            result_url=f"/jobs/{record.id}/result",
+            params=self._effective_params(record, output.options),
+            model=self.model,
         )
+        self.files.write_json(record.id, self._payload(record, result, tokens=list(output.tokens)))
         passes = self.metrics.caption_steps
         passes.labels("full").inc(output.full_passes)
         passes.labels("text_only").inc(output.text_only_passes)
-        return JobResult(caption=output.text, result_url=f"/jobs/{record.id}/result")
+        return result
 
     def _video_result(self, record: JobRecord, output: Any, *, caption: str | None) -> JobResult:
         frames = output.frames
@@ -349,13 +355,22 @@ class JobRunner:
             num_frames=num_frames,
             height=height,
             width=width,
+            params=self._effective_params(record, output.options),
+            model=self.model,
         )
-        self.files.write_json(record.id, self._payload(record, **result.model_dump(exclude_none=True)))
+        self.files.write_json(record.id, self._payload(record, result))
         return result
 
     @staticmethod
-    def _payload(record: JobRecord, **fields: Any) -> dict[str, Any]:
-        return {"id": record.id, "type": record.type.value, "params": record.params, **fields}
+    def _effective_params(record: JobRecord, options: dict[str, Any]) -> dict[str, Any]:
+        """The job's parameters as it ran: its input (the prompt) and every option the pipeline used."""
+        return {**record.params, **options}
+
+    @staticmethod
+    def _payload(record: JobRecord, result: JobResult, **extra: Any) -> dict[str, Any]:
+        """result.json: the job's id and type, and its result as GET /jobs/{id} shows it (with the
+        effective ``params``), plus ``extra``."""
+        return {"id": record.id, "type": record.type.value, **result.model_dump(exclude_none=True), **extra}
 
     def _progress(self, record: JobRecord, clock: JobClock) -> Callable[[int, int], None]:
         step_time = self.metrics.step_time.labels(record.type.value)
