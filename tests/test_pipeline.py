@@ -372,6 +372,19 @@ def test_command_line_joint_writes_the_video_and_its_pinned_text(tmp_path: Path)
     }
 
 
+def test_command_line_without_a_model_runs_what_up_serves(tmp_path: Path) -> None:
+    done = _cli(
+        "generate", "a red circle moving left", "--steps", "1", "--num-frames", "5", "--seed", "2",
+        "--out", str(tmp_path / "v.mp4"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"weights {REPO / 'model' / 'assets' / 'toy'}" in done.stderr
+    assert decoded_frame_count(tmp_path / "v.mp4") == 5
+    helped = _cli("caption", "--help", cwd=tmp_path)
+    assert "none: the model `univigu up` serves by default" in " ".join(helped.stdout.split())
+
+
 def test_command_line_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:
     done = _cli(
         "generate", PROMPT, "--preset", "tiny", "--height", "30", "--out", str(tmp_path / "v.mp4"), cwd=REPO
