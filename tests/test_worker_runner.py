@@ -291,3 +291,17 @@ def test_an_unseeded_captions_recorded_parameters_reproduce_its_text(
     again = run_params(tiny_runner, JobType.caption, recorded, mp4)
     assert again.result.caption == first.result.caption
     assert json.loads(tiny_runner.files.result_json(again.id).read_text())["tokens"] == tokens
+
+
+def test_a_caption_jobs_unreadable_video_is_named_as_the_upload_not_its_file(
+    tiny_runner: JobRunner, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video\n" * 100)
+    job_id = queued(tiny_runner.store, "unreadable", job_type=JobType.caption, params={"steps": 2})
+    tiny_runner.files.upload(job_id).write_bytes(garbage.read_bytes())
+    tiny_runner.run(job_id)
+    failed = tiny_runner.store.get(job_id)
+    assert (failed.status, failed.error.code) == (JobStatus.failed, "invalid_video")
+    assert failed.error.message.startswith("the uploaded video is not a readable video")
+    assert ".upload" not in failed.error.message

@@ -15,6 +15,7 @@ fails every job in it.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -34,7 +35,7 @@ from service.contract.connection import REDIS_UNREACHABLE
 from service.contract.errors import StorageError
 from service.contract.metrics import WorkerMetrics
 from service.contract.queue import JobQueue
-from service.contract.result_files import ResultFiles
+from service.contract.result_files import UPLOAD_NAME, ResultFiles
 from service.contract.schemas import (
     PARAMS_BY_TYPE,
     CaptionParams,
@@ -159,12 +160,25 @@ class JobRunner:
         job's tensors), the job's run time and, when it succeeded, its step times."""
         if record.type == JobType.caption:
             self.files.remove_upload(record.id)
+            outcome = self._naming_the_upload(record, outcome)
         if outcome.error is not None and outcome.error.code == GPU_OOM:
             release_device_memory()
         self._finish(record, outcome)
         self.metrics.run_time.labels(record.type.value).observe(clock.elapsed())
         if outcome.status == JobStatus.succeeded:
             self._record_timing(record, clock)
+
+    def _naming_the_upload(self, record: JobRecord, outcome: Outcome) -> Outcome:
+        """``outcome`` with its error calling a caption job's video :data:`UPLOAD_NAME`: the model's
+        errors name the file they read, which here is the internal upload file."""
+        error = outcome.error
+        if error is None:
+            return outcome
+        upload = self.files.upload(record.id)
+        message = error.message
+        for spelling in (str(upload), repr(upload.name), upload.name):
+            message = message.replace(spelling, UPLOAD_NAME)
+        return dataclasses.replace(outcome, error=error.model_copy(update={"message": message}))
 
     def _typical_timing(self, job_type: JobType) -> StepTiming | None:
         try:
