@@ -15,6 +15,7 @@ twice and nothing can stay on the meta device unnoticed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -190,3 +191,19 @@ def load_transformer_folder(folder: str | Path) -> UniViGUTransformer:
         raise CheckpointError("transformer config not found", file=str(config_path))
     config = UniViGUConfig.from_dict(json.loads(config_path.read_text()))
     return build_transformer(config, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
+
+
+def weights_sha256(*modules: torch.nn.Module) -> str:
+    """sha256 over the state dicts of ``modules`` as they are held (names, dtypes, shapes, bytes), in order.
+
+    Identifies the weights a pipeline serves: the same checkpoint cast to another dtype hashes
+    differently, as it also computes differently.
+    """
+    digest = hashlib.sha256()
+    for index, module in enumerate(modules):
+        for name, tensor in module.state_dict().items():
+            header = f"{index}:{name}:{tensor.dtype}:{tuple(tensor.shape)};"
+            digest.update(header.encode())
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            digest.update(data.numpy().tobytes())
+    return digest.hexdigest()

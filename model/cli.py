@@ -14,11 +14,15 @@ from typing import Any
 
 from model.errors import UniViGUError
 from model.limits import add_option_flags, option_values
+from model.toyworld import default_model_source
 from model.training.cli import register_training
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_argument_group("model (give exactly one of --preset, --weights, --wan)")
+    source = parser.add_argument_group(
+        "model (at most one of --preset, --weights, --wan; none: the model `univigu up` serves by "
+        "default, the shipped toy model, else the tiny preset)"
+    )
     source.add_argument("--preset", help="a preset built in code, e.g. 'tiny' (random weights)")
     source.add_argument("--weights", type=Path, help="a Uni-ViGU folder in our format (univigu.json)")
     source.add_argument("--wan", type=Path, help="a Wan2.1-T2V-1.3B diffusers folder")
@@ -60,13 +64,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_training(subparsers)
 
 
+def _model_source(args: argparse.Namespace) -> dict[str, Any]:
+    """The model the command line names, or the default (:func:`model.toyworld.default_model_source`)."""
+    given = {"preset": args.preset, "weights": args.weights, "wan": args.wan}
+    if any(value is not None for value in given.values()) or args.checkpoint is not None:
+        return given
+    source, value = default_model_source()
+    print(f"no model given; using {source} {value} (what `univigu up` serves)", file=sys.stderr)
+    return {**given, source: value}
+
+
 def _load(args: argparse.Namespace):  # -> UniViGUPipeline; torch is imported here
     from model.pipeline import UniViGUPipeline
 
     return UniViGUPipeline.load(
-        preset=args.preset,
-        weights=args.weights,
-        wan=args.wan,
+        **_model_source(args),
         checkpoint=args.checkpoint,
         null_prompt=args.null_prompt,
         device=args.device,

@@ -96,27 +96,36 @@ def _ffmpeg_input(path: Path, limits: VideoLimits, *options: str) -> list[str]:
     ]
 
 
-def _ffmpeg_error(log: str) -> str:
-    """ffmpeg's last few complaints (its ``[component @ 0x...]`` lines), for error messages."""
+def _ffmpeg_error(log: str, path: Path, label: str) -> str:
+    """ffmpeg's last few complaints (its ``[component @ 0x...]`` lines), for error messages; ``path``
+    called ``label`` in them."""
+    for spelling in dict.fromkeys((str(path.resolve()), str(path))):
+        log = log.replace(spelling, label)
     tagged = (_LOG_TAG.sub("", line).strip() for line in log.splitlines() if _LOG_TAG.match(line))
     reasons = list(dict.fromkeys(line.removeprefix("Error opening input: ") for line in tagged if line))
     lines = log.strip().splitlines()
     return "; ".join(reasons[-3:]) or (lines[-1] if lines else "ffmpeg failed without a message")
 
 
-def probe_video(path: str | os.PathLike[str], limits: VideoLimits = DEFAULT_LIMITS) -> VideoInfo:
+def probe_video(
+    path: str | os.PathLike[str], limits: VideoLimits = DEFAULT_LIMITS, *, name: str | None = None
+) -> VideoInfo:
     """Read the container header of ``path`` and check it against ``limits`` without decoding frames.
+
+    Errors call the video ``name`` (e.g. the quoted file name a client uploaded it as; default the file's
+    own name, quoted), never by its path.
 
     Raises InvalidVideoError for a missing, empty, truncated or undecodable file, a non-video or
     disallowed format (playlists, scripts, images, PDFs) and audio-only files; VideoTooLargeError when
     the file size, resolution, duration or estimated frame count exceeds ``limits``.
     """
     path = Path(path)
+    label = repr(path.name) if name is None else name
     if not path.is_file():
-        raise InvalidVideoError(f"video {path.name!r} does not exist or is not a regular file")
+        raise InvalidVideoError(f"video {label} does not exist or is not a regular file")
     size_bytes = path.stat().st_size
     if size_bytes == 0:
-        raise InvalidVideoError(f"video {path.name!r} is empty (0 bytes); {_ALLOWED_HINT}")
+        raise InvalidVideoError(f"video {label} is empty (0 bytes); {_ALLOWED_HINT}")
     if size_bytes > limits.max_bytes:
         raise VideoTooLargeError(
             f"video is {size_bytes} bytes; at most {limits.max_bytes} bytes are accepted"
@@ -129,21 +138,21 @@ def probe_video(path: str | os.PathLike[str], limits: VideoLimits = DEFAULT_LIMI
             timeout=_PROBE_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired as exc:
-        raise InvalidVideoError(f"probing {path.name!r} took over {_PROBE_TIMEOUT_S:.0f} s") from exc
+        raise InvalidVideoError(f"probing {label} took over {_PROBE_TIMEOUT_S:.0f} s") from exc
     log = proc.stderr.decode("utf-8", "replace")
 
     container = _INPUT.search(log)
     if container is None:
         raise InvalidVideoError(
-            f"{path.name!r} is not a readable video ({_ffmpeg_error(log)}); {_ALLOWED_HINT}"
+            f"{label} is not a readable video ({_ffmpeg_error(log, path, label)}); {_ALLOWED_HINT}"
         )
     stream = next((m for m in _VIDEO_STREAM.finditer(log) if "(attached pic)" not in m.group(2)), None)
     if stream is None:
-        raise InvalidVideoError(f"{path.name!r} has no video stream (audio-only?); {_ALLOWED_HINT}")
+        raise InvalidVideoError(f"{label} has no video stream (audio-only?); {_ALLOWED_HINT}")
     size = _SIZE.search(stream.group(2))
     width, height = (int(size.group(1)), int(size.group(2))) if size else (0, 0)
     if width <= 0 or height <= 0:
-        raise InvalidVideoError(f"{path.name!r} declares no valid frame size; {_ALLOWED_HINT}")
+        raise InvalidVideoError(f"{label} declares no valid frame size; {_ALLOWED_HINT}")
     rate = _RATE.search(stream.group(2))
     fps = float(rate.group(1)) * (1000 if rate.group(2) else 1) if rate else None
     duration = _DURATION.search(log)
@@ -163,7 +172,7 @@ def probe_video(path: str | os.PathLike[str], limits: VideoLimits = DEFAULT_LIMI
             f"video has about {seconds * fps:.0f} frames; at most {limits.max_frames} are accepted"
         )
     if "Could not find codec parameters" in log:
-        raise InvalidVideoError(f"the video stream of {path.name!r} cannot be decoded (truncated or corrupt)")
+        raise InvalidVideoError(f"the video stream of {label} cannot be decoded (truncated or corrupt)")
     return VideoInfo(width, height, fps, seconds, stream.group(1), container.group(1), size_bytes)
 
 
@@ -229,7 +238,8 @@ def read_video(
         log = errors.read().decode("utf-8", "replace")
     decoded = received // (height * width * 3)
     if proc.returncode != 0 or decoded < 1:
-        raise InvalidVideoError(f"could not decode any frame of {path.name!r} ({_ffmpeg_error(log)})")
+        label = repr(path.name)
+        raise InvalidVideoError(f"could not decode any frame of {label} ({_ffmpeg_error(log, path, label)})")
     return frames[: (decoded - 1) // 4 * 4 + 1]
 
 
@@ -279,7 +289,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], *, fps: float) -
             errors.seek(0)
             log = errors.read().decode("utf-8", "replace")
         if proc.returncode != 0:
-            raise VideoWriteError(f"could not write video {path}: {_ffmpeg_error(log)}")
+            raise VideoWriteError(f"could not write video {path}: {_ffmpeg_error(log, temp, str(path))}")
         os.replace(temp, path)
     except OSError as exc:
         raise VideoWriteError(f"could not write video {path}: {exc.strerror or exc}") from exc
@@ -342,7 +352,9 @@ def images_to_mp4(
         proc = subprocess.run(cmd, input=b"".join(images), capture_output=True, timeout=_PROBE_TIMEOUT_S)
         if proc.returncode != 0:
             log = proc.stderr.decode("utf-8", "replace")
-            raise InvalidVideoError(f"the {name} frames could not be decoded ({_ffmpeg_error(log)})")
+            raise InvalidVideoError(
+                f"the {name} frames could not be decoded ({_ffmpeg_error(log, temp, 'the video')})"
+            )
         os.replace(temp, path)
     except subprocess.TimeoutExpired as exc:
         raise InvalidVideoError(f"encoding {len(images)} frames took over {_PROBE_TIMEOUT_S:.0f} s") from exc
@@ -375,7 +387,10 @@ def first_frame_jpeg(
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=_PROBE_TIMEOUT_S)
     if proc.returncode != 0 or not proc.stdout.startswith(b"\xff\xd8"):
         log = proc.stderr.decode("utf-8", "replace")
-        raise InvalidVideoError(f"could not decode the first frame of {path.name!r} ({_ffmpeg_error(log)})")
+        label = repr(path.name)
+        raise InvalidVideoError(
+            f"could not decode the first frame of {label} ({_ffmpeg_error(log, path, label)})"
+        )
     return proc.stdout
 
 

@@ -13,11 +13,13 @@ stream unchanged, and an all-zero condition when a caption has no conditioning p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,12 +35,14 @@ from model.checkpoint import (
     read_wan_weights,
     save_transformer,
     wan_to_univigu,
+    weights_sha256,
 )
 from model.config import SamplingDefaults, UniViGUConfig, VaeTiling, get_preset
 from model.errors import Canceled, CheckpointError, InvalidParameterError
 from model.network import UniViGUTransformer
 from model.pixels import frames_to_pixels, pixels_to_frames
 from model.samplers import (
+    VIDEO_SHIFT,
     MixturePathTextSampler,
     VideoSamplerName,
     classifier_free_guidance,
@@ -67,11 +71,19 @@ FP32_PARAMETERS = ("time_embedding_v.", "time_embedding_t.", "scale_shift_table"
 """Kept in float32 when the rest of the transformer runs in bfloat16 (as diffusers does for Wan)."""
 
 
+Options = dict[str, Any]
+"""Every option of a mode (:data:`model.limits.MODE_OPTIONS`) as a call ran it: the model's defaults
+filled in, the seed actually used, None where an option is off (``step_cache``) or absent
+(``negative_prompt``). Passed back to the same mode of the same model on the same device, they give the
+same output."""
+
+
 @dataclass(frozen=True)
 class VideoResult:
     frames: np.ndarray  # (T, H, W, 3) uint8
     fps: int
     seed: int
+    options: Options
     skipped_steps: int = 0  # steps whose later blocks the step cache replaced
 
 
@@ -80,6 +92,7 @@ class CaptionResult:
     text: str
     tokens: list[int]
     seed: int
+    options: Options
     full_passes: int = 0  # steps that ran the whole network over video and text
     text_only_passes: int = 0  # steps that ran only the text over reused video keys and values
 
@@ -98,6 +111,7 @@ class PreparedCaption:
     """One caption ready for its denoising loop (:meth:`UniViGUPipeline.prepare_caption`)."""
 
     settings: CaptionSettings
+    prompt: str | None  # the conditioning text, if any
     latent: torch.Tensor  # (1, C, f, h, w) clean video latent
     cond: torch.Tensor  # (1, Lc, text_dim)
     tokens: torch.Tensor  # (1, L) the uniform source
@@ -105,6 +119,18 @@ class PreparedCaption:
     generator: torch.Generator  # this caption's random stream, after the latent and the source
     progress: ProgressCallback | None = None
     should_cancel: CancelCheck | None = None
+
+    @property
+    def options(self) -> Options:
+        """The caption's options as it runs (see :data:`Options`)."""
+        settings = self.settings
+        return {
+            "prompt": self.prompt,
+            "steps": settings.steps,
+            "max_tokens": settings.length,
+            "seed": self.seed,
+            "video_reuse": settings.video_reuse,
+        }
 
     @property
     def batch_key(self) -> tuple[CaptionSettings, tuple[int, ...]]:
@@ -119,6 +145,7 @@ class JointResult:
     text: str
     tokens: list[int]
     seed: int
+    options: Options
     skipped_steps: int = 0  # steps whose later blocks the step cache replaced
 
 
@@ -133,6 +160,10 @@ class VideoRequest:
     steps: int
     guidance_scale: float
     step_cache: float | None = None  # first-block cache threshold; None: off
+
+    def options(self, negative_prompt: str | None, seed: int) -> Options:
+        """The video options of a call that ran this request (see :data:`Options`)."""
+        return {"negative_prompt": negative_prompt, **dataclasses.asdict(self), "seed": seed}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -191,6 +222,23 @@ class UniViGUPipeline:
                 f"{transformer.config.vocab_size}; they must come from the same model",
                 key="vocab_embed.weight",
             )
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """sha256 of the served weights (transformer, VAE, text encoder); computed on first use."""
+        return weights_sha256(self.transformer, self.vae, self.text.encoder)
+
+    def identity(self) -> dict[str, Any]:
+        """What, besides a call's options, decides its output: the model (preset and weights' hash), the
+        video sampler and its shift, the device and the transformer's dtype."""
+        return {
+            "preset": self.preset,
+            "weights_sha256": self.weights_sha256,
+            "video_sampler": self.video_sampler,
+            "shift": VIDEO_SHIFT,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
 
     # ------------------------------------------------------------------ construction
 
@@ -417,7 +465,13 @@ class UniViGUPipeline:
         # 4. Denoise the video; the prompt stays clean.
         latent, _ = self._denoise(network, request, latent, tokens, cond, uncond, progress, should_cancel)
         # 5. Decode.
-        return VideoResult(self._decode(latent), request.fps, seed, _skipped_steps(network))
+        return VideoResult(
+            self._decode(latent),
+            request.fps,
+            seed,
+            options=request.options(negative_prompt, seed),
+            skipped_steps=_skipped_steps(network),
+        )
 
     @torch.inference_mode()
     def caption(
@@ -492,7 +546,9 @@ class UniViGUPipeline:
         tokens = uniform_tokens(
             1, settings.length, self.transformer.config.vocab_size, self.device, generator
         )
-        return PreparedCaption(settings, latent, cond, tokens, seed, generator, progress, should_cancel)
+        return PreparedCaption(
+            settings, prompt, latent, cond, tokens, seed, generator, progress, should_cancel
+        )
 
     @torch.inference_mode()
     def caption_batch(self, jobs: Sequence[PreparedCaption]) -> list[CaptionResult | None]:
@@ -538,7 +594,12 @@ class UniViGUPipeline:
             ids = tokens[row].tolist()
             passes = network.passes
             results[j] = CaptionResult(
-                self.text.decode(ids), ids, jobs[j].seed, passes.full, passes.text_only
+                self.text.decode(ids),
+                ids,
+                jobs[j].seed,
+                options=jobs[j].options,
+                full_passes=passes.full,
+                text_only_passes=passes.text_only,
             )
         return results
 
@@ -596,7 +657,13 @@ class UniViGUPipeline:
         _, logits = self.transformer(latent, tokens, zero, zero, cond, compute_velocity=False)
         ids = logits.argmax(dim=-1)[0].tolist()
         return JointResult(
-            self._decode(latent), request.fps, self.text.decode(ids), ids, seed, _skipped_steps(network)
+            self._decode(latent),
+            request.fps,
+            self.text.decode(ids),
+            ids,
+            seed,
+            options={**request.options(negative_prompt, seed), "max_tokens": length},
+            skipped_steps=_skipped_steps(network),
         )
 
     # ------------------------------------------------------------------ steps shared by the modes

@@ -30,7 +30,11 @@ def _check_steps(steps: int) -> None:
         raise InvalidParameterError(f"steps must be between 1 and 1000, got {steps}", param="steps")
 
 
-def shifted_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+VIDEO_SHIFT = 3.0
+"""The noise schedule's shift of both video samplers (the authors' value)."""
+
+
+def shifted_sigmas(steps: int, shift: float = VIDEO_SHIFT) -> torch.Tensor:
     """``(steps + 1,)`` noise levels from 1 to 0: ``linspace(1, 0, N + 1)`` shifted as ``shift*s / (1 + (shift-1)*s)``."""
     _check_steps(steps)
     sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -48,7 +52,7 @@ class VideoSampler(Protocol):
 class FlowEulerSampler:
     """Euler flow matching: ``x <- x + v * (sigma_{k+1} - sigma_k)`` with the model at ``1000 * sigma_k``."""
 
-    def __init__(self, steps: int, shift: float = 3.0) -> None:
+    def __init__(self, steps: int, shift: float = VIDEO_SHIFT) -> None:
         self.sigmas = shifted_sigmas(steps, shift)  # (N + 1,), sigma_N = 0
         self.timesteps = (1000.0 * self.sigmas[:-1]).float()  # (N,)
 
@@ -61,7 +65,7 @@ class FlowEulerSampler:
 class UniPCFlowSampler:
     """diffusers' ``UniPCMultistepScheduler`` in flow-prediction mode with the same shift (an option)."""
 
-    def __init__(self, steps: int, shift: float = 3.0) -> None:
+    def __init__(self, steps: int, shift: float = VIDEO_SHIFT) -> None:
         _check_steps(steps)
         self.scheduler = UniPCMultistepScheduler(
             num_train_timesteps=1000,
@@ -79,7 +83,7 @@ class UniPCFlowSampler:
         )
 
 
-def make_video_sampler(name: VideoSamplerName, steps: int, shift: float = 3.0) -> VideoSampler:
+def make_video_sampler(name: VideoSamplerName, steps: int, shift: float = VIDEO_SHIFT) -> VideoSampler:
     """The video sampler called ``name`` ("euler", the authors' choice, or "unipc")."""
     if name == "euler":
         return FlowEulerSampler(steps, shift)

@@ -185,12 +185,20 @@ def assert_envelope(response: Any, status: int, code: str, param: str | None = N
     return body["error"]
 
 
-def queued(store: JobStore, job_id: str = "j1", *, webhook: str | None = None) -> str:
-    """Record a queued generate job directly in the store (no rq queue involved); returns its id."""
+def queued(
+    store: JobStore,
+    job_id: str = "j1",
+    *,
+    webhook: str | None = None,
+    job_type: JobType = JobType.generate,
+    params: dict[str, Any] | None = None,
+) -> str:
+    """Record a queued job (by default generate "a cat") directly in the store (no rq queue involved);
+    returns its id."""
     store.create(
         job_id,
-        JobType.generate,
-        {"prompt": "a cat"},
+        job_type,
+        {"prompt": "a cat"} if params is None else params,
         idempotency=None,
         idempotency_ttl_seconds=60,
         enqueue=lambda pipeline: None,

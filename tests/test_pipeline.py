@@ -22,6 +22,7 @@ from model.errors import (
     InvalidVideoError,
     PromptTooLongError,
 )
+from model.limits import MODE_OPTIONS
 from model.media import probe_video, write_mp4
 from model.pipeline import UniViGUPipeline
 
@@ -71,6 +72,35 @@ def test_a_drawn_seed_is_reported_and_reproduces(pipe) -> None:
     drawn = pipe.caption(np.zeros((5, 32, 32, 3), np.uint8), steps=2)
     again = pipe.caption(np.zeros((5, 32, 32, 3), np.uint8), steps=2, seed=drawn.seed)
     assert drawn.tokens == again.tokens
+
+
+def test_every_result_lists_every_option_of_its_mode_as_it_ran_and_they_reproduce_it(pipe) -> None:
+    clip = np.zeros((5, 32, 32, 3), np.uint8)
+    runs = {
+        "generate": (lambda **o: pipe.generate(PROMPT, **o), {"steps": 2, "num_frames": 5}),
+        "joint": (lambda **o: pipe.joint(PROMPT, **o), {"steps": 2, "num_frames": 5, "max_tokens": 4}),
+        "caption": (lambda **o: pipe.caption(clip, **o), {"steps": 2}),
+    }
+    for mode, (call, given) in runs.items():
+        drawn = call(**given)
+        assert set(drawn.options) == set(MODE_OPTIONS[mode]), mode
+        assert {**drawn.options, **given} == drawn.options, mode
+        assert drawn.options["seed"] == drawn.seed and drawn.options["steps"] == 2
+        again = call(**drawn.options)
+        assert again.options == drawn.options
+        if mode == "caption":
+            assert again.tokens == drawn.tokens
+        else:
+            assert np.array_equal(again.frames, drawn.frames), mode
+    assert pipe.generate(PROMPT, steps=1, num_frames=5).options["height"] == pipe.defaults.height
+
+
+def test_the_weights_hash_names_the_weights(pipe) -> None:
+    same = UniViGUPipeline.from_preset("tiny")
+    other = UniViGUPipeline.from_preset("tiny", seed=1)
+    assert pipe.identity() == same.identity()
+    assert pipe.identity()["weights_sha256"] != other.identity()["weights_sha256"]
+    assert pipe.identity()["preset"] == "tiny" and pipe.identity()["shift"] == 3.0
 
 
 def test_guidance_runs_one_batched_pass_of_two(pipe) -> None:
@@ -340,6 +370,19 @@ def test_command_line_joint_writes_the_video_and_its_pinned_text(tmp_path: Path)
         "seed": 3,
         "tokens": [8, 17, 314, 268, 363, 276],
     }
+
+
+def test_command_line_without_a_model_runs_what_up_serves(tmp_path: Path) -> None:
+    done = _cli(
+        "generate", "a red circle moving left", "--steps", "1", "--num-frames", "5", "--seed", "2",
+        "--out", str(tmp_path / "v.mp4"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"weights {REPO / 'model' / 'assets' / 'toy'}" in done.stderr
+    assert decoded_frame_count(tmp_path / "v.mp4") == 5
+    helped = _cli("caption", "--help", cwd=tmp_path)
+    assert "none: the model `univigu up` serves by default" in " ".join(helped.stdout.split())
 
 
 def test_command_line_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:

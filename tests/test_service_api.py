@@ -9,6 +9,7 @@ from conftest import assert_envelope
 from fastapi.testclient import TestClient
 
 from service.cli.redis_server import free_port
+from service.contract.schemas import JobResult, JobStatus
 from service.contract.settings import Settings
 from service.gateway.app import create_app
 
@@ -122,6 +123,82 @@ def test_cancel_a_queued_job_removes_it_from_the_queue(client: TestClient) -> No
     assert_envelope(client.post(f"/jobs/{job['id']}/cancel"), 409, "job_finished", "id")
     assert_envelope(client.get(f"/jobs/{job['id']}/video"), 409, "job_not_succeeded", "id")
     assert_envelope(client.get(f"/jobs/{job['id']}/result"), 409, "job_not_succeeded", "id")
+
+
+def test_a_huge_prompt_is_quoted_only_by_a_short_prefix(client: TestClient) -> None:
+    prompt = "a cat " * 20_000  # 120 KB
+    response = client.post("/generate", json={"prompt": prompt})
+    error = assert_envelope(response, 422, "invalid_parameter", "prompt")
+    assert "at most 2000 characters" in error["message"]
+    assert f"({len(prompt)} characters)" in error["message"]
+    assert len(response.content) < 400
+    assert queue_length(client) == 0
+
+
+def finished_with_files(client: TestClient) -> str:
+    """A succeeded generate job with a video, a result and an upload, as a worker leaves them."""
+    services = client.app.state.services  # type: ignore[attr-defined]
+    job_id = client.post("/generate", json={"prompt": "a cat"}).json()["id"]
+    services.store.start(job_id, "w1")
+    services.files.video_target(job_id).write_bytes(b"an mp4")
+    services.files.write_json(job_id, {"id": job_id})
+    services.store.finish(job_id, JobStatus.succeeded, result=JobResult(video_url=f"/jobs/{job_id}/video"))
+    services.files.record_expiry(job_id, 60)
+    return job_id
+
+
+def test_delete_removes_a_finished_job_and_its_files(client: TestClient) -> None:
+    job_id = finished_with_files(client)
+    files = client.app.state.services.files  # type: ignore[attr-defined]
+    assert client.get(f"/jobs/{job_id}/video").content == b"an mp4"
+    deleted = client.delete(f"/jobs/{job_id}")
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert not files.job_dir(job_id).exists()
+    for path in ("", "/video", "/result"):
+        assert_envelope(client.get(f"/jobs/{job_id}{path}"), 404, "job_not_found", "id")
+    assert_envelope(client.delete(f"/jobs/{job_id}"), 404, "job_not_found", "id")
+    assert job_id not in [job["id"] for job in client.get("/jobs").json()["jobs"]]
+
+
+def test_delete_cancels_a_queued_job_first(client: TestClient) -> None:
+    job_id = client.post("/generate", json={"prompt": "a cat"}).json()["id"]
+    assert queue_length(client) == 1
+    assert client.delete(f"/jobs/{job_id}").status_code == 204
+    assert queue_length(client) == 0
+    assert_envelope(client.get(f"/jobs/{job_id}"), 404, "job_not_found", "id")
+    assert_envelope(client.delete(f"/jobs/{'0' * 32}"), 404, "job_not_found", "id")
+
+
+def test_delete_is_per_api_key(settings_factory: Callable[..., Settings]) -> None:
+    one, two = {"X-API-Key": "k-one"}, {"X-API-Key": "k-two"}
+    with TestClient(create_app(settings_factory(api_keys=["k-one", "k-two"]))) as client:
+        job_id = client.post("/generate", json={"prompt": "a cat"}, headers=one).json()["id"]
+        assert_envelope(client.delete(f"/jobs/{job_id}", headers=two), 404, "job_not_found", "id")
+        assert client.get(f"/jobs/{job_id}", headers=one).status_code == 200
+        assert client.delete(f"/jobs/{job_id}", headers=one).status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "code"),
+    [
+        ("bytes=abc", 400, "invalid_range"),
+        ("pages=0-1", 400, "invalid_range"),
+        ("bytes=4-2", 400, "invalid_range"),
+        ("bytes=" + "9" * 500, 400, "invalid_range"),
+        ("bytes=100-200", 416, "range_not_satisfiable"),
+    ],
+)
+def test_bad_ranges_answer_in_the_envelope(client: TestClient, header: str, status: int, code: str) -> None:
+    job_id = finished_with_files(client)
+    for path in ("video", "result"):
+        response = client.get(f"/jobs/{job_id}/{path}", headers={"Range": header})
+        error = assert_envelope(response, status, code, "Range")
+        assert len(error["message"]) < 250
+        if status == 416:
+            size = client.app.state.services.files.result_json(job_id).stat().st_size  # type: ignore[attr-defined]
+            assert response.headers["content-range"] == f"bytes */{6 if path == 'video' else size}"
+    good = client.get(f"/jobs/{job_id}/video", headers={"Range": "bytes=1-2"})
+    assert (good.status_code, good.content) == (206, b"n ")
 
 
 def test_list_jobs_filters_and_paginates(client: TestClient) -> None:

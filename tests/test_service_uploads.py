@@ -75,7 +75,10 @@ def test_a_video_upload_is_accepted_and_kept_for_the_worker(client: TestClient, 
 )
 def test_non_videos_answer_415_whatever_their_name_and_type(client: TestClient, content: bytes) -> None:
     response = client.post("/caption", files={"file": ("movie.mp4", content, "video/mp4")})
-    assert_envelope(response, 415, "invalid_video")
+    error = assert_envelope(response, 415, "invalid_video")
+    assert "'movie.mp4'" in error["message"]
+    uploads_dir = client.app.state.services.files.uploads_dir  # type: ignore[attr-defined]
+    assert ".upload" not in error["message"] and str(uploads_dir) not in error["message"]
     assert uploads_of(client) == []
     assert queue_length(client) == 0
 
@@ -171,6 +174,33 @@ def test_caption_longer_than_the_served_model_allows_never_reaches_the_queue(
         "/caption", files={"file": ("v.mp4", clip, "video/mp4")}, data={"max_tokens": "48"}
     )
     assert accepted.status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("filename", "named"),
+    [
+        ("holiday.mov", "'holiday.mov'"),
+        ("x" * 500 + ".mp4", "(504 characters)"),
+        (None, "the uploaded video"),
+    ],
+)
+def test_upload_errors_name_the_clients_file_never_the_stored_one(
+    client: TestClient, filename: str | None, named: str
+) -> None:
+    disposition = 'form-data; name="file"' + ("" if filename is None else f'; filename="{filename}"')
+    body = (
+        f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: video/mp4\r\n\r\n".encode()
+        + b"not a video\n" * 50
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    response = client.post(
+        "/caption", content=body, headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    )
+    error = assert_envelope(response, 415, "invalid_video")
+    assert named in error["message"]
+    assert ".upload" not in error["message"]
+    assert len(error["message"]) < 400
+    assert uploads_of(client) == []
 
 
 def test_missing_file_and_wrong_content_types(client: TestClient) -> None:

@@ -92,6 +92,15 @@ def test_generate_end_to_end_progress_rises_and_the_mp4_plays(live: TestClient, 
     stored = live.get(result["result_url"]).json()
     assert stored["params"]["prompt"] == "a red ball rolls"
     assert stored["num_frames"] == 17
+    # Every effective parameter and the model, in the job and its result file alike.
+    assert result["params"] == {**stored["params"], "seed": 3, "step_cache": None, "negative_prompt": None}
+    served = live.get("/model").json()
+    assert result["params"]["guidance_scale"] == served["defaults"]["guidance_scale"]
+    assert result["model"] == stored["model"]
+    assert (result["model"]["preset"], result["model"]["weights_sha256"]) == (
+        "tiny",
+        served["weights_sha256"],
+    )
 
 
 def test_joint_end_to_end_has_video_and_caption(live: TestClient, tmp_path: Path) -> None:

@@ -3,9 +3,10 @@ the runner keeps serving. (The real tiny pipeline runs in test_worker_e2e.py.)""
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,11 +21,13 @@ from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 
 from model.errors import Canceled, PromptTooLongError
+from model.media import write_mp4
+from model.pipeline import UniViGUPipeline
 from service.cli.redis_server import RedisServer
 from service.contract.metrics import WorkerMetrics
 from service.contract.queue import FAILURE_CALLBACK, JobQueue
 from service.contract.result_files import ResultFiles
-from service.contract.schemas import JobStatus
+from service.contract.schemas import JobRecord, JobStatus, JobType
 from service.contract.store import JobStore
 from worker import tasks
 from worker.runner import JobRunner
@@ -34,6 +37,7 @@ from worker.runner import JobRunner
 class Video:
     frames: np.ndarray
     fps: int = 8
+    options: dict[str, Any] = field(default_factory=lambda: {"seed": 1})
 
 
 class StandIn:
@@ -41,6 +45,16 @@ class StandIn:
 
     def __init__(self) -> None:
         self.behaviour: Callable[[], Any] = lambda: Video(np.zeros((5, 32, 32, 3), dtype=np.uint8))
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "preset": None,
+            "weights_sha256": "0" * 64,
+            "video_sampler": "euler",
+            "shift": 3.0,
+            "device": "cpu",
+            "dtype": "float32",
+        }
 
     def generate(self, prompt: str, *, progress: Any, should_cancel: Any, **kwargs: Any) -> Any:
         for step in (1, 2):
@@ -206,3 +220,88 @@ def test_a_real_cuda_oom_returns_the_memory(runner: JobRunner) -> None:
     assert torch.cuda.memory_allocated() == allocated
     assert torch.cuda.memory_reserved() <= reserved
     assert run(runner, succeed).status == JobStatus.succeeded
+
+
+@pytest.fixture
+def tiny_runner(runner: JobRunner) -> JobRunner:
+    """The runner with the real tiny pipeline in place of the stand-in."""
+    runner.pipeline = pipeline = UniViGUPipeline.from_preset("tiny")
+    runner.model = type(runner.model)(**pipeline.identity())
+    return runner
+
+
+def run_params(
+    runner: JobRunner, job_type: JobType, params: dict[str, Any], video: Path | None = None
+) -> JobRecord:
+    job_id = f"job{np.random.default_rng().integers(1 << 30)}"
+    queued(runner.store, job_id, job_type=job_type, params=params)
+    if video is not None:
+        runner.files.upload(job_id).write_bytes(video.read_bytes())
+    runner.run(job_id)
+    record = runner.store.get(job_id)
+    assert record.status == JobStatus.succeeded, record.error
+    return record
+
+
+def test_an_unseeded_jobs_recorded_parameters_reproduce_its_mp4_bytes(tiny_runner: JobRunner) -> None:
+    first = run_params(
+        tiny_runner,
+        JobType.generate,
+        {"prompt": "a red ball rolls", "steps": 2, "width": 48, "num_frames": 9},
+    )
+    recorded = first.result.params
+    defaults = tiny_runner.pipeline.defaults
+    assert recorded == {
+        "prompt": "a red ball rolls",
+        "negative_prompt": None,
+        "height": defaults.height,
+        "width": 48,
+        "num_frames": 9,
+        "fps": defaults.fps,
+        "steps": 2,
+        "guidance_scale": defaults.guidance_scale,
+        "seed": recorded["seed"],
+        "step_cache": None,
+    }
+    assert isinstance(recorded["seed"], int)
+    assert first.result.model == tiny_runner.model
+    assert first.result.model.preset == "tiny" and len(first.result.model.weights_sha256) == 64
+    stored = json.loads(tiny_runner.files.result_json(first.id).read_text())
+    assert stored["params"] == recorded and stored["model"] == first.result.model.model_dump()
+
+    again = run_params(tiny_runner, JobType.generate, recorded)
+    assert again.result.params == recorded
+    video = tiny_runner.files.video
+    assert video(again.id).read_bytes() == video(first.id).read_bytes()
+    other = run_params(tiny_runner, JobType.generate, {**recorded, "seed": recorded["seed"] + 1})
+    assert video(other.id).read_bytes() != video(first.id).read_bytes()
+
+
+def test_an_unseeded_captions_recorded_parameters_reproduce_its_text(
+    tiny_runner: JobRunner, tmp_path: Path
+) -> None:
+    clip = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    mp4 = write_mp4(clip, tmp_path / "clip.mp4", fps=8)
+    first = run_params(tiny_runner, JobType.caption, {"steps": 3, "max_tokens": 8}, mp4)
+    recorded = first.result.params
+    assert set(recorded) == {"prompt", "steps", "max_tokens", "seed", "video_reuse"}
+    assert recorded["video_reuse"] == tiny_runner.pipeline.defaults.video_reuse
+    tokens = json.loads(tiny_runner.files.result_json(first.id).read_text())["tokens"]
+
+    again = run_params(tiny_runner, JobType.caption, recorded, mp4)
+    assert again.result.caption == first.result.caption
+    assert json.loads(tiny_runner.files.result_json(again.id).read_text())["tokens"] == tokens
+
+
+def test_a_caption_jobs_unreadable_video_is_named_as_the_upload_not_its_file(
+    tiny_runner: JobRunner, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video\n" * 100)
+    job_id = queued(tiny_runner.store, "unreadable", job_type=JobType.caption, params={"steps": 2})
+    tiny_runner.files.upload(job_id).write_bytes(garbage.read_bytes())
+    tiny_runner.run(job_id)
+    failed = tiny_runner.store.get(job_id)
+    assert (failed.status, failed.error.code) == (JobStatus.failed, "invalid_video")
+    assert failed.error.message.startswith("the uploaded video is not a readable video")
+    assert ".upload" not in failed.error.message

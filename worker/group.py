@@ -262,6 +262,9 @@ class GroupPipeline:
         self.group = group
         self.defaults = pipeline.defaults
 
+    def identity(self) -> dict[str, Any]:
+        return self.pipeline.identity()
+
     def generate(self, prompt: str, **options: Any) -> VideoResult:
         return self._run("generate", prompt=prompt, **options)
 

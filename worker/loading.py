@@ -124,6 +124,7 @@ def describe_model(pipeline: UniViGUPipeline, group: WorkerGroup | None = None) 
         guidance_parallel=group.plan.guidance if group else 1,
         sequence_parallel=group.plan.sequence if group else 1,
         preset=pipeline.preset,
+        weights_sha256=pipeline.weights_sha256,
         max_caption_tokens=pipeline.defaults.max_caption_tokens,
         defaults=dataclasses.asdict(pipeline.defaults),
         attention_backend=pipeline.transformer.attention_backend,

@@ -15,6 +15,7 @@ fails every job in it.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -34,7 +35,7 @@ from service.contract.connection import REDIS_UNREACHABLE
 from service.contract.errors import StorageError
 from service.contract.metrics import WorkerMetrics
 from service.contract.queue import JobQueue
-from service.contract.result_files import ResultFiles
+from service.contract.result_files import UPLOAD_NAME, ResultFiles
 from service.contract.schemas import (
     PARAMS_BY_TYPE,
     CaptionParams,
@@ -43,6 +44,7 @@ from service.contract.schemas import (
     JobResult,
     JobStatus,
     JobType,
+    ModelIdentity,
 )
 from service.contract.store import JobStore
 from service.contract.timing import StepTiming
@@ -102,6 +104,7 @@ class JobRunner:
         batching: CaptionBatching | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.model = ModelIdentity(**pipeline.identity())  # hashes the weights once, at start
         self.store = store
         self.files = files
         self.metrics = metrics
@@ -157,12 +160,25 @@ class JobRunner:
         job's tensors), the job's run time and, when it succeeded, its step times."""
         if record.type == JobType.caption:
             self.files.remove_upload(record.id)
+            outcome = self._naming_the_upload(record, outcome)
         if outcome.error is not None and outcome.error.code == GPU_OOM:
             release_device_memory()
         self._finish(record, outcome)
         self.metrics.run_time.labels(record.type.value).observe(clock.elapsed())
         if outcome.status == JobStatus.succeeded:
             self._record_timing(record, clock)
+
+    def _naming_the_upload(self, record: JobRecord, outcome: Outcome) -> Outcome:
+        """``outcome`` with its error calling a caption job's video :data:`UPLOAD_NAME`: the model's
+        errors name the file they read, which here is the internal upload file."""
+        error = outcome.error
+        if error is None:
+            return outcome
+        upload = self.files.upload(record.id)
+        message = error.message
+        for spelling in (str(upload), repr(upload.name), upload.name):
+            message = message.replace(spelling, UPLOAD_NAME)
+        return dataclasses.replace(outcome, error=error.model_copy(update={"message": message}))
 
     def _typical_timing(self, job_type: JobType) -> StepTiming | None:
         try:
@@ -329,13 +345,17 @@ class JobRunner:
         return stored if isinstance(stored, Outcome) else Outcome(JobStatus.succeeded, stored)
 
     def _caption_result(self, record: JobRecord, output: CaptionResult) -> JobResult:
-        self.files.write_json(
-            record.id, self._payload(record, caption=output.text, tokens=list(output.tokens))
+        result = JobResult(
+            caption=output.text,
+            result_url=f"/jobs/{record.id}/result",
+            params=self._effective_params(record, output.options),
+            model=self.model,
         )
+        self.files.write_json(record.id, self._payload(record, result, tokens=list(output.tokens)))
         passes = self.metrics.caption_steps
         passes.labels("full").inc(output.full_passes)
         passes.labels("text_only").inc(output.text_only_passes)
-        return JobResult(caption=output.text, result_url=f"/jobs/{record.id}/result")
+        return result
 
     def _video_result(self, record: JobRecord, output: Any, *, caption: str | None) -> JobResult:
         frames = output.frames
@@ -349,13 +369,22 @@ class JobRunner:
             num_frames=num_frames,
             height=height,
             width=width,
+            params=self._effective_params(record, output.options),
+            model=self.model,
         )
-        self.files.write_json(record.id, self._payload(record, **result.model_dump(exclude_none=True)))
+        self.files.write_json(record.id, self._payload(record, result))
         return result
 
     @staticmethod
-    def _payload(record: JobRecord, **fields: Any) -> dict[str, Any]:
-        return {"id": record.id, "type": record.type.value, "params": record.params, **fields}
+    def _effective_params(record: JobRecord, options: dict[str, Any]) -> dict[str, Any]:
+        """The job's parameters as it ran: its input (the prompt) and every option the pipeline used."""
+        return {**record.params, **options}
+
+    @staticmethod
+    def _payload(record: JobRecord, result: JobResult, **extra: Any) -> dict[str, Any]:
+        """result.json: the job's id and type, and its result as GET /jobs/{id} shows it (with the
+        effective ``params``), plus ``extra``."""
+        return {"id": record.id, "type": record.type.value, **result.model_dump(exclude_none=True), **extra}
 
     def _progress(self, record: JobRecord, clock: JobClock) -> Callable[[int, int], None]:
         step_time = self.metrics.step_time.labels(record.type.value)

@@ -14,3 +14,14 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "toy"
 def shipped_model() -> Path | None:
     """:data:`SHIPPED_MODEL` when it holds a model (this module imports no torch: the CLI uses it)."""
     return SHIPPED_MODEL if (SHIPPED_MODEL / "univigu.json").is_file() else None
+
+
+FALLBACK_PRESET = "tiny"
+
+
+def default_model_source() -> tuple[str, str]:
+    """The model served when none is named, as ``(source, value)``: ``("weights", <the shipped toy
+    model>)``, or ``("preset", "tiny")`` where the toy model is missing. ``univigu up`` serves it, and
+    ``univigu generate | caption | joint`` run it."""
+    toy = shipped_model()
+    return ("weights", str(toy)) if toy else ("preset", FALLBACK_PRESET)

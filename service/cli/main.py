@@ -46,13 +46,15 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _up_model(args: argparse.Namespace) -> list[str]:
-    """The worker's model arguments: as given, else the shipped toy model, else the tiny preset."""
-    from model.toyworld import shipped_model
+    """The worker's model arguments: as given, else the default (the shipped toy model, else tiny)."""
+    from model.toyworld import default_model_source
 
     if args.weights is not None:
         return ["--weights", str(args.weights)]
-    toy = None if args.preset else shipped_model()
-    return ["--weights", str(toy)] if toy else ["--preset", args.preset or "tiny"]
+    if args.preset is not None:
+        return ["--preset", args.preset]
+    source, value = default_model_source()
+    return [f"--{source}", value]
 
 
 def build_parser() -> argparse.ArgumentParser:

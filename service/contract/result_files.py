@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EXPIRY_FILE = "expires_at"
+UPLOAD_NAME = "the uploaded video"
+"""What errors call a caption job's upload where the client's own file name is unknown (the upload file's
+name is internal: it never appears in an answer)."""
 
 
 def checked_job_id(job_id: str) -> str:

@@ -181,6 +181,9 @@ class ServedModel(BaseModel):
     preset: str | None = Field(description="The model's preset (tiny, toy, wan2.1-1.3b), when known.")
     max_caption_tokens: int = Field(description="The longest caption (max_tokens) the model accepts.")
     defaults: dict[str, Any] = Field(description="Values used for options a request leaves out.")
+    weights_sha256: str | None = Field(
+        None, description="sha256 of the served weights, as each result records it (result.model)."
+    )
     attention_backend: str | None = Field(None, description="The attention kernel the workers use.")
     compiled: bool = Field(False, description="Whether the workers run torch.compile'd transformer blocks.")
     devices: list[str] = Field(
@@ -209,6 +212,20 @@ class ErrorEnvelope(BaseModel):
     error: ErrorInfo
 
 
+class ModelIdentity(BaseModel):
+    """The served model, and what else besides a job's parameters decides its output."""
+
+    preset: str | None = Field(description="The model's preset (tiny, toy, wan2.1-1.3b), when known.")
+    weights_sha256: str = Field(
+        description="sha256 of the weights as served (transformer, VAE, text encoder; names, dtypes, "
+        "shapes and bytes), computed once when the worker loads them."
+    )
+    video_sampler: str = Field(description="The video sampler (euler or unipc), a worker setting.")
+    shift: float = Field(description="The noise schedule's shift of the video sampler.")
+    device: str = Field(description="The device the job ran on (its leader's, for a worker group).")
+    dtype: str = Field(description="The transformer's dtype: float32 on the CPU, bfloat16 on CUDA.")
+
+
 class JobResult(BaseModel):
     video_url: str | None = None
     result_url: str | None = None
@@ -217,6 +234,16 @@ class JobResult(BaseModel):
     num_frames: int | None = None
     height: int | None = None
     width: int | None = None
+    params: dict[str, Any] | None = Field(
+        default=None,
+        description="Every parameter the job ran with: the request's, the served model's defaults for "
+        "those it left out, and the seed actually used (drawn when the request had none); null where an "
+        "option is off or absent. Submitted again (with the same video, for a caption) to a worker with "
+        "the same model, they give the same output on the same device.",
+    )
+    model: ModelIdentity | None = Field(
+        default=None, description="The model and sampler that made the result."
+    )
 
 
 class WebhookDelivery(BaseModel):

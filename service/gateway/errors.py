@@ -86,6 +86,22 @@ def render_native(reply: ErrorReply) -> JSONResponse:
     return envelope(reply.status, reply.code, reply.message, reply.param, headers=reply.headers)
 
 
+QUOTE_CHARS = 80
+"""The most characters of a client's input an error message quotes; the rest is left out, its length said."""
+
+
+def quote_input(value: object) -> str:
+    """``value`` as an error message quotes it: its repr, cut to :data:`QUOTE_CHARS` with the full length
+    stated, so a long input (a 100 KB prompt) is never echoed whole."""
+    text = repr(value)
+    if len(text) <= QUOTE_CHARS:
+        return text
+    length = (
+        f"{len(value)} characters" if isinstance(value, str | bytes) else f"{len(text)} characters as text"
+    )
+    return f"{text[:QUOTE_CHARS]}… ({length})"
+
+
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(part) for part in loc if part not in ("body", "query", "path", "header", "form")]
     return ".".join(parts) or None
@@ -99,7 +115,7 @@ def _validation_message(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"{param}: unknown field"
     if "input" in error and not isinstance(error["input"], dict | list):
-        message = f"{message} (got {error['input']!r})"
+        message = f"{message} (got {quote_input(error['input'])})"
     return f"{param}: {message}" if param else message
 
 

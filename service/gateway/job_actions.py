@@ -23,11 +23,12 @@ from fastapi import Response
 
 from model.media import VideoLimits, probe_video
 from service.contract.errors import JobNotFound
+from service.contract.result_files import UPLOAD_NAME
 from service.contract.schemas import Job, JobPage, JobRecord, JobStatus, JobType, ServedModel
 from service.contract.store import Idempotency, Submission
 from service.contract.timing import JobSnapshot
 from service.gateway.dependencies import Caller, Services
-from service.gateway.errors import HttpError
+from service.gateway.errors import HttpError, quote_input
 from service.gateway.webhooks.addresses import WebhookRefused, resolve
 
 
@@ -105,14 +106,20 @@ def submit_caption(
     caller: Caller,
     idempotency_key: str | None,
     sha256: str,
+    filename: str | None = None,
     webhook: str | None = None,
 ) -> Submission:
-    """Probe the video already stored at ``files.upload(job_id)`` and submit its caption job.
+    """Probe the video already stored at ``files.upload(job_id)`` and submit its caption job. Errors name
+    the video by the client's ``filename``, never by the internal file it is stored in.
 
     The upload is removed when anything fails and when an Idempotency-Key replays an earlier job (whose
     own upload is the one that counts); ``sha256`` (of the video) is part of that key's fingerprint."""
     try:
-        probe_video(services.files.upload(job_id), VideoLimits(max_bytes=services.settings.max_upload_bytes))
+        probe_video(
+            services.files.upload(job_id),
+            VideoLimits(max_bytes=services.settings.max_upload_bytes),
+            name=UPLOAD_NAME if filename is None else quote_input(filename),
+        )
         submission = submit(
             services,
             JobType.caption,

@@ -43,6 +43,8 @@ class ReceivedUpload:
     path: Path
     size: int
     sha256: str
+    filename: str | None
+    """The file name the client sent (the part's ``filename``), if any; errors name the video by it."""
 
 
 class _MultipartSink:
@@ -52,6 +54,7 @@ class _MultipartSink:
         self.fields: dict[str, str] = {}
         self.file_chunks: list[bytes] = []
         self.file_seen = False
+        self.filename: str | None = None
         self._part = _Part()
         self._header_field = b""
         self._header_value = b""
@@ -88,6 +91,8 @@ class _MultipartSink:
             if self.file_seen:
                 raise HttpError(400, "bad_request", "send exactly one file part", param=FILE_FIELD)
             self.file_seen = True
+            filename = options.get(b"filename")
+            self.filename = None if filename is None else filename.decode("utf-8", "replace")
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._part.is_file:
@@ -158,4 +163,10 @@ async def receive_upload(
         await run_in_threadpool(_discard, handle, destination)
         raise
     await run_in_threadpool(handle.close)
-    return ReceivedUpload(fields=sink.fields, path=destination, size=size, sha256=digest.hexdigest())
+    return ReceivedUpload(
+        fields=sink.fields,
+        path=destination,
+        size=size,
+        sha256=digest.hexdigest(),
+        filename=sink.filename,
+    )

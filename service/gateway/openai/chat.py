@@ -33,7 +33,7 @@ from model.media import images_to_mp4
 from service.contract.schemas import JobRecord, JobStatus, ServedModel
 from service.contract.settings import Settings
 from service.gateway.dependencies import Caller, IdempotencyKey, Services, ServicesDep
-from service.gateway.errors import HttpError, failed_job_error
+from service.gateway.errors import HttpError, failed_job_error, quote_input
 from service.gateway.job_actions import new_job_id, read_record, submit_caption
 from service.gateway.openai.common import (
     OpenAICaller,
@@ -143,7 +143,10 @@ def _decode_data_url(url: str, param: str, max_bytes: int, *, media_types: tuple
         raise _bad(f"the data: URL must be base64-encoded ({example})", param)
     declared = header.removeprefix("data:").removesuffix(";base64").lower()
     if media_types and declared not in media_types:
-        raise _bad(f"a frame must be one of {', '.join(media_types)}, got {declared or 'no type'}", param)
+        raise _bad(
+            f"a frame must be one of {', '.join(media_types)}, got {quote_input(declared) if declared else 'no type'}",
+            param,
+        )
     compact = "".join(data.split())
     if len(compact) * 3 // 4 > max_bytes + 2:
         raise HttpError(413, "payload_too_large", f"the {what} exceeds {max_bytes} bytes", param=param)

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from service.contract.errors import JobNotFound
 from service.contract.schemas import MODEL_ALIAS, ServedModel
 from service.gateway.dependencies import Caller, Services, ServicesDep, authenticate, spend_rate_limit
-from service.gateway.errors import HttpError
+from service.gateway.errors import HttpError, quote_input
 from service.gateway.job_actions import require_served_model
 
 VIDEO_ID_PREFIX = "video_"
@@ -58,7 +58,7 @@ def resolve_model(services: Services, requested: str | None) -> ServedModel:
         raise HttpError(
             404,
             "model_not_found",
-            f"the model {requested!r} does not exist here; this server serves {model.id!r}"
+            f"the model {quote_input(requested)} does not exist here; this server serves {model.id!r}"
             f" (also accepted: {MODEL_ALIAS!r}); see GET /v1/models",
             param="model",
         )

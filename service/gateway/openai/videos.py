@@ -32,7 +32,8 @@ from service.contract.schemas import (
 )
 from service.contract.settings import Settings
 from service.gateway.dependencies import Caller, IdempotencyKey, Services, ServicesDep
-from service.gateway.errors import HttpError
+from service.gateway.downloads import Download
+from service.gateway.errors import HttpError, quote_input
 from service.gateway.job_actions import (
     accepted,
     delete,
@@ -132,7 +133,10 @@ def frames_for(seconds: str | float, fps: int, settings: Settings) -> tuple[int,
         value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise HttpError(
-            422, "invalid_parameter", f"seconds must be a positive number, got {seconds!r}", param="seconds"
+            422,
+            "invalid_parameter",
+            f"seconds must be a positive number, got {quote_input(seconds)}",
+            param="seconds",
         )
     exact = value * fps
     frames = max(1, 4 * math.floor((exact - 1) / 4 + 0.5) + 1)
@@ -143,7 +147,7 @@ def frames_for(seconds: str | float, fps: int, settings: Settings) -> tuple[int,
             422,
             "invalid_parameter",
             f"seconds must be between {seconds_text(lowest / fps)} and {seconds_text(highest / fps)}"
-            f" for the served model ({lowest} to {highest} frames at {fps} fps), got {seconds}",
+            f" for the served model ({lowest} to {highest} frames at {fps} fps), got {quote_input(seconds)}",
             param="seconds",
         )
     shown = seconds_text(value)
@@ -164,7 +168,7 @@ def parse_size(size: str) -> tuple[int, int]:
         raise HttpError(
             422,
             "invalid_parameter",
-            f'size must be "WIDTHxHEIGHT" in pixels (e.g. "832x480"), got {size!r}',
+            f'size must be "WIDTHxHEIGHT" in pixels (e.g. "832x480"), got {quote_input(size)}',
             param="size",
         )
     return int(match.group(1)), int(match.group(2))
@@ -385,7 +389,7 @@ def _thumbnail(services: Services, record: JobRecord) -> FileResponse:
         limits = VideoLimits(max_bytes=max(services.settings.max_upload_bytes, video.stat().st_size))
         jpeg = first_frame_jpeg(video, max_side=THUMBNAIL_MAX_SIDE, limits=limits)
         services.files.write_thumbnail(record.id, jpeg)
-    return FileResponse(path, media_type="image/jpeg", filename=f"{video_id_for(record.id)}.jpg")
+    return Download(path, media_type="image/jpeg", filename=f"{video_id_for(record.id)}.jpg")
 
 
 @router.get(
@@ -419,7 +423,7 @@ def download_video(
         )
     if variant == "thumbnail":
         return _thumbnail(services, record)
-    return FileResponse(
+    return Download(
         video_file(services, record),
         media_type="video/mp4",
         filename=f"{video_id_for(job_id)}.mp4",

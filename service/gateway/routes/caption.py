@@ -81,6 +81,7 @@ def build_router(models: RequestModels) -> APIRouter:
             caller=caller,
             idempotency_key=idempotency_key,
             sha256=upload.sha256,
+            filename=upload.filename,
             webhook=webhook,
         )
         return await run_in_threadpool(accepted, services, submission, response)

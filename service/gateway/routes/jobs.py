@@ -1,18 +1,27 @@
-"""Reading, listing and canceling jobs; downloading their results."""
+"""Reading, listing, canceling and deleting jobs; downloading their results."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.contract.schemas import Job, JobPage, JobStatus, JobType
 from service.gateway.dependencies import CallerDep, ServicesDep
+from service.gateway.downloads import Download
 from service.gateway.errors import HttpError
-from service.gateway.job_actions import cancel, list_page, read_job, read_record, succeeded, video_file
-from service.gateway.routes._responses import READ_ERRORS
+from service.gateway.job_actions import (
+    cancel,
+    delete,
+    list_page,
+    read_job,
+    read_record,
+    succeeded,
+    video_file,
+)
+from service.gateway.routes._responses import READ_ERRORS, error_responses
 
 router = APIRouter(tags=["jobs"])
 
@@ -21,6 +30,7 @@ MAX_PAGE = 100
 VIDEO_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"video/mp4": {}}},
     206: {"description": "Partial content (Range requests)."},
+    **error_responses(400, 416),
 }
 
 
@@ -51,6 +61,14 @@ async def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep) ->
     return await run_in_threadpool(cancel, services, caller, job_id)
 
 
+@router.delete("/jobs/{job_id}", status_code=204, response_class=Response, responses=READ_ERRORS)
+async def delete_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Response:
+    """Cancel the job if it has not finished, then delete its record and every file it has; it answers
+    404 everywhere afterwards."""
+    await run_in_threadpool(delete, services, caller, job_id)
+    return Response(status_code=204)
+
+
 @router.get(
     "/jobs/{job_id}/video",
     response_class=FileResponse,
@@ -59,7 +77,7 @@ async def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep) ->
 def get_video(job_id: JobId, services: ServicesDep, caller: CallerDep) -> FileResponse:
     """The MP4 of a generate or joint job; supports Range requests (seeking)."""
     record, _ = read_record(services, caller, job_id)
-    return FileResponse(
+    return Download(
         video_file(services, record),
         media_type="video/mp4",
         filename=f"{job_id}.mp4",
@@ -67,7 +85,11 @@ def get_video(job_id: JobId, services: ServicesDep, caller: CallerDep) -> FileRe
     )
 
 
-@router.get("/jobs/{job_id}/result", response_class=FileResponse, responses=READ_ERRORS)
+@router.get(
+    "/jobs/{job_id}/result",
+    response_class=FileResponse,
+    responses={**READ_ERRORS, **error_responses(400, 416)},
+)
 def get_result(job_id: JobId, services: ServicesDep, caller: CallerDep) -> FileResponse:
     """The result JSON (caption, tokens, parameters used, output sizes)."""
     record, _ = read_record(services, caller, job_id)
@@ -75,4 +97,4 @@ def get_result(job_id: JobId, services: ServicesDep, caller: CallerDep) -> FileR
     path = services.files.result_json(job_id)
     if not path.is_file():
         raise HttpError(404, "result_expired", f"the result of job {job_id} was deleted", param="id")
-    return FileResponse(path, media_type="application/json")
+    return Download(path, media_type="application/json")
