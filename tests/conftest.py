@@ -194,7 +194,7 @@ def queued(store: JobStore, job_id: str = "j1", *, webhook: str | None = None) -
         idempotency=None,
         idempotency_ttl_seconds=60,
         enqueue=lambda pipeline: None,
-        admit=lambda: None,
+        admit=lambda depth: None,
         queue_key="unused-queue",
         webhook=webhook,
     )

@@ -20,6 +20,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.limits import Limits
+
 WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
@@ -146,7 +148,7 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often each gateway looks for webhook events due for delivery."
     )
 
-    # --- request limits (validated at the edge; None fields use the model's defaults) --------------------
+    # --- request limits: the operator's caps within the served model's own (model.limits; GET /model) ---
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
     min_size: int = Field(16, ge=16, description="Smallest height/width (multiples of 16).")
     max_size: int = Field(1280, ge=16, description="Largest height/width (multiples of 16).")
@@ -280,6 +282,27 @@ class Settings(BaseSettings):
             for name, value in values.items()
             if value is not None
         }
+
+    def cap(self, limits: Limits) -> Limits:
+        """``limits`` within these request limits: what a worker publishes and the gateway enforces."""
+        return limits.narrowed(
+            minimum={
+                "height": self.min_size,
+                "width": self.min_size,
+                "num_frames": self.min_frames,
+                "fps": self.min_fps,
+            },
+            maximum={
+                "height": self.max_size,
+                "width": self.max_size,
+                "num_frames": self.max_frames,
+                "fps": self.max_fps,
+                "steps": self.max_steps,
+                "guidance_scale": self.max_guidance_scale,
+                "max_tokens": self.max_caption_tokens,
+            },
+            max_chars=self.max_prompt_chars,
+        )
 
     @property
     def worker_lost_bound_seconds(self) -> float:
