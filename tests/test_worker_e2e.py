@@ -200,6 +200,10 @@ def test_the_worker_publishes_its_model_and_the_gateway_enforces_it(live: TestCl
     assert model["defaults"]["num_frames"] == 17
     too_long = live.post("/joint", json={"prompt": "a cat", **TINY_VIDEO, "max_tokens": 49})
     assert_envelope(too_long, 422, "invalid_parameter", "max_tokens")
+    # The tiny model's generate prompt takes 24 tokens (the end token counted), checked at submit.
+    assert model["limits"]["generate"]["prompt"]["max_tokens"] == 24 and model["tokenizer_sha256"]
+    long_prompt = live.post("/generate", json={"prompt": " ".join(["red"] * 24), **TINY_VIDEO})
+    assert_envelope(long_prompt, 422, "prompt_too_long", "prompt")
 
 
 def test_idempotent_resubmit_returns_the_finished_job(live: TestClient) -> None:
