@@ -111,6 +111,8 @@ class Rule:
     four_k_plus_one: bool = False
 
     def allows(self, value: float) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
         if not self.minimum <= value <= self.maximum:
             return False
         if self.multiple_of and value % self.multiple_of:
@@ -126,17 +128,21 @@ class Rule:
         return f"between {self.minimum} and {self.maximum}"
 
     def check(self, value: float, name: str | None = None) -> float:
-        """``value`` if allowed; else :class:`InvalidParameterError` naming it and what is allowed (with
-        the nearest allowed value of a 4k+1 rule)."""
-        if isinstance(value, bool) or not isinstance(value, int | float) or not self.allows(value):
-            hint = ""
-            if self.four_k_plus_one and isinstance(value, int) and not isinstance(value, bool):
-                nearest = round((value - 1) / FRAME_STRIDE) * FRAME_STRIDE + 1
-                hint = f"; the nearest allowed value is {int(min(max(nearest, self.minimum), self.maximum))}"
+        """``value`` if allowed; else :class:`InvalidParameterError` naming it, the value and what is
+        allowed."""
+        if not self.allows(value):
             raise InvalidParameterError(
-                f"{name or self.name} must be {self.describe()}, got {value!r}{hint}", param=name or self.name
+                f"{name or self.name} must be {self.describe()}, got {value!r}{self.nearest(value)}",
+                param=name or self.name,
             )
         return value
+
+    def nearest(self, value: float) -> str:
+        """ "; the nearest allowed value is N" for a frame count that is not 4k+1; empty otherwise."""
+        if not self.four_k_plus_one or not isinstance(value, int):
+            return ""
+        nearest = round((value - 1) / FRAME_STRIDE) * FRAME_STRIDE + 1
+        return f"; the nearest allowed value is {int(min(max(nearest, self.minimum), self.maximum))}"
 
     def narrowed(self, minimum: float | None = None, maximum: float | None = None) -> Rule:
         """This rule within ``[minimum, maximum]`` (None: no bound), its bounds moved to the nearest values

@@ -106,8 +106,12 @@ models take it, the job's parameters (``*Params``, what the worker reads) do not
 
 
 def _checked(rule: Rule) -> Callable[[Any], Any]:
+    """``rule`` as a field validator; the error mapping adds the field's name and the value."""
+
     def check(value: Any) -> Any:
-        return value if value is None else rule.check(value)
+        if value is None or rule.allows(value):
+            return value
+        raise ValueError(f"must be {rule.describe()}{rule.nearest(value)}")
 
     return check
 
