@@ -149,16 +149,28 @@ class Settings(BaseSettings):
     )
 
     # --- request limits: the operator's caps within the served model's own (model.limits; GET /model) ---
-    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters (tokens are the served model's limit).")
-    min_size: int = Field(16, ge=16, description="Smallest height/width (a multiple of 16; the hard bound is 16).")
-    max_size: int = Field(1280, ge=16, description="Largest height/width (a multiple of 16; the hard bound is 1920).")
-    min_frames: int = Field(1, ge=1, description="Fewest frames (num_frames = 4k+1; a cap between two such values moves inside).")
+    max_prompt_chars: int = Field(
+        2000,
+        ge=1,
+        description="Longest prompt or negative prompt, in characters (tokens are the served model's limit).",
+    )
+    min_size: int = Field(
+        16, ge=16, description="Smallest height/width (a multiple of 16; the hard bound is 16)."
+    )
+    max_size: int = Field(
+        1280, ge=16, description="Largest height/width (a multiple of 16; the hard bound is 1920)."
+    )
+    min_frames: int = Field(
+        1, ge=1, description="Fewest frames (num_frames = 4k+1; a cap between two such values moves inside)."
+    )
     max_frames: int = Field(129, ge=1, description="Most frames (num_frames = 4k+1; the hard bound is 161).")
     min_fps: int = Field(1, ge=1, description="Lowest output frame rate.")
     max_fps: int = Field(60, ge=1, description="Highest output frame rate (the hard bound is 120).")
     max_steps: int = Field(100, ge=1, description="Most denoising steps (the hard bound is 1000).")
     max_guidance_scale: float = Field(20.0, ge=0, description="Largest classifier-free guidance scale.")
-    max_caption_tokens: int = Field(512, ge=1, description="Longest caption, in tokens, within the served model's own (GET /model).")
+    max_caption_tokens: int = Field(
+        512, ge=1, description="Longest caption, in tokens, within the served model's own (GET /model)."
+    )
 
     # --- worker ------------------------------------------------------------------------------------------
     device: str = Field("cpu", description="Torch device of `univigu worker` (one worker per GPU).")
