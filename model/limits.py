@@ -5,8 +5,14 @@ take which. The pipeline's signatures, the API's request schemas and the Python 
 against it (``tests/test_options.py``), and both command lines build their flags from it
 (:func:`add_option_flags`).
 
-Each check raises :class:`InvalidParameterError` naming the parameter, the value and what is allowed;
-nothing is rounded silently.
+:data:`RULES` bounds every numeric option once (a :class:`Rule`: range, multiple of 16, 4k+1), the
+same for every model; :class:`Limits` holds the rules of one mode plus its texts' lengths, narrowed by
+the served model's own lengths (:func:`model_limits`) and by the operator's caps
+(``service.contract.settings.Settings.cap``). The pipeline, the worker and the gateway all check with
+:meth:`Limits.check`, and the worker publishes its limits (``GET /model``).
+
+Each check raises :class:`InvalidParameterError` (:class:`PromptTooLongError` for a text) naming the
+parameter, the value and what is allowed; nothing is rounded silently.
 """
 
 from __future__ import annotations
@@ -138,7 +144,8 @@ class Rule:
         return value
 
     def nearest(self, value: float) -> str:
-        """ "; the nearest allowed value is N" for a frame count that is not 4k+1; empty otherwise."""
+        """The hint after a refused frame count, its nearest 4k+1 value inside the bounds; empty for
+        every other rule."""
         if not self.four_k_plus_one or not isinstance(value, int):
             return ""
         nearest = round((value - 1) / FRAME_STRIDE) * FRAME_STRIDE + 1
@@ -182,7 +189,7 @@ RULES: dict[str, Rule] = {
     )
 }
 """The hard bounds of every numeric option, the same for every model: what the pipeline's arithmetic and
-memory allow. A served model and an operator only narrow them (:func:`served_limits`)."""
+memory allow. A served model (:func:`model_limits`) and an operator (``Settings.cap``) only narrow them."""
 
 TEXT_OPTIONS: dict[Mode, tuple[str, ...]] = {
     "generate": ("prompt", "negative_prompt"),
