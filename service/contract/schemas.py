@@ -49,7 +49,7 @@ class VideoOptions(_Params):
     negative_prompt: str | None = None
     height: int | None = Field(None, description="Pixels, a multiple of 16.")
     width: int | None = Field(None, description="Pixels, a multiple of 16.")
-    num_frames: int | None = Field(None, description="Frames, 4k+1 (1, 5, 9, ..., 81).")
+    num_frames: int | None = Field(None, description="Frames, 4k+1 (1, 5, 9, ...).")
     fps: int | None = None
     steps: int | None = Field(None, description="Denoising steps.")
     guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
@@ -116,7 +116,7 @@ def _checked(rule: Rule) -> Callable[[Any], Any]:
     return check
 
 
-def request_fields(base: type[_Params], limits: Limits) -> dict[str, Any]:
+def _request_fields(base: type[_Params], limits: Limits) -> dict[str, Any]:
     """The fields of ``base`` bounded by ``limits``: each numeric option checked by its rule (its range
     and multiple shown in OpenAPI), each text within its characters."""
     fields: dict[str, Any] = {}
@@ -156,7 +156,7 @@ def build_request_models(settings: Settings) -> RequestModels:
     def request_model(name: str, mode: Mode) -> Any:
         base = PARAMS_BY_TYPE[JobType(mode)]
         limits = settings.cap(hard_limits(mode))
-        return create_model(name, __base__=base, webhook=webhook, **request_fields(base, limits))
+        return create_model(name, __base__=base, webhook=webhook, **_request_fields(base, limits))
 
     return RequestModels(
         generate=request_model("GenerateRequest", "generate"),

@@ -260,10 +260,9 @@ class JobStore:
         raise (a full queue). The list is WATCHed from that read to the MULTI, so concurrent submits
         cannot all pass one depth: a submit whose list changed meanwhile reads it again, and the queue
         never holds more than ``admit`` lets in. ``enqueue`` adds the queue's writes to the same MULTI so
-        that a record never exists without its queue entry. The new
-        job's position in the list ``queue_key`` is read in that MULTI too. ``owner`` is kept on the
-        record (see :class:`service.gateway.dependencies.Caller`); so is ``webhook``, the URL that gets
-        the job's end.
+        that a record never exists without its queue entry. The new job's position in the list
+        ``queue_key`` is read in that MULTI too. ``owner`` is kept on the record (see
+        :class:`service.gateway.dependencies.Caller`); so is ``webhook``, the URL that gets the job's end.
         """
         idem_key = f"{self.prefix}:idem:{idempotency.scope}:{idempotency.key}" if idempotency else None
         now = _now()
