@@ -50,9 +50,9 @@ from model.samplers import (
     make_video_sampler,
     uniform_tokens,
 )
-from model.step_cache import FirstBlockCache, check_threshold
+from model.step_cache import FirstBlockCache
 from model.text import TextSide, build_tiny_encoder, build_tiny_tokenizer, load_encoder, load_tokenizer
-from model.video_reuse import VideoReuse, check_interval
+from model.video_reuse import VideoReuse
 
 ProgressCallback = Callable[[int, int], None]
 Denoiser = UniViGUTransformer | FirstBlockCache
@@ -64,9 +64,6 @@ TextUpdate = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 PIPELINE_FILE = "univigu.json"
 NULL_PROMPT_FILE = "null_prompt.safetensors"
 FORMAT_VERSION = 1
-MAX_SIDE = 1920
-MAX_FRAMES = 161
-MAX_GUIDANCE = 20.0
 FP32_PARAMETERS = ("time_embedding_v.", "time_embedding_t.", "scale_shift_table")
 """Kept in float32 when the rest of the transformer runs in bfloat16 (as diffusers does for Wan)."""
 
@@ -209,6 +206,19 @@ class UniViGUPipeline:
         text.encoder.to(self.device, self.dtype).eval().requires_grad_(False)
         self.text = text
         self.defaults = defaults
+        # What each mode accepts (model.limits): the hard bounds within this model's text and caption
+        # lengths; a worker narrows them further by its operator's caps.
+        self.limits = {
+            mode: limits.model_limits(
+                mode,
+                limits.ModelCaps(
+                    max_prompt_tokens=defaults.max_prompt_tokens,
+                    context_tokens=defaults.context_tokens,
+                    max_caption_tokens=defaults.max_caption_tokens,
+                ),
+            )
+            for mode in limits.MODES
+        }
         self.video_sampler: VideoSamplerName = video_sampler
         self.base_wan_dir = base_wan_dir
         self.preset = preset
@@ -451,8 +461,11 @@ class UniViGUPipeline:
         ``step_cache``: opt-in threshold of the first-block step cache (:mod:`model.step_cache`); None is off.
         """
         # 1. Check inputs.
-        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale, step_cache)
-        seed, generator = self._seeded(seed)
+        self._check_texts("generate", prompt=prompt, negative_prompt=negative_prompt)
+        request = self._video_request(
+            "generate", height, width, num_frames, fps, steps, guidance_scale, step_cache
+        )
+        seed, generator = self._seeded("generate", seed)
         # 2. Encode the prompt: the clean text stream, the condition and the unconditional condition.
         # The authors pad the stream to a fixed length under a key mask; padding is then invisible to
         # every other token, so dropping it gives the same velocity for less work and mask-free kernels.
@@ -513,10 +526,13 @@ class UniViGUPipeline:
     ) -> CaptionSettings:
         """The checked sampling settings of a caption, the model's defaults filled in."""
         d = self.defaults
+        rules = self.limits["caption"].rules
         return CaptionSettings(
-            steps=int(limits.check_range("steps", steps or d.steps, 1, 1000)),
-            length=self._caption_length(max_tokens),
-            video_reuse=check_interval(d.video_reuse if video_reuse is None else video_reuse),
+            steps=int(rules["steps"].check(d.steps if steps is None else steps)),
+            length=self._caption_length("caption", max_tokens),
+            video_reuse=int(
+                rules["video_reuse"].check(d.video_reuse if video_reuse is None else video_reuse)
+            ),
         )
 
     @torch.inference_mode()
@@ -536,9 +552,10 @@ class UniViGUPipeline:
         options, the clean video latent, the condition and the first tokens. Run the loop with
         :meth:`caption_batch`, alone or together with other captions of the same :attr:`~PreparedCaption.batch_key`."""
         # 1. Check inputs and fit the video.
+        self._check_texts("caption", prompt=prompt)
         settings = self.caption_settings(steps, max_tokens, video_reuse)
         frames = self._fit_video(video)
-        seed, generator = self._seeded(seed)
+        seed, generator = self._seeded("caption", seed)
         # 2. Encode the condition (all zeros without a prompt) and the clean video latent.
         cond = self.text.encode([prompt]) if prompt else self._zero_condition()
         latent = self._encode_video(frames, generator)
@@ -609,7 +626,7 @@ class UniViGUPipeline:
         sample and decoded again, uint8 ``(T, H, W, 3)``. The best any generated video can look; the
         toy evaluation reads it as the ceiling of text-to-video."""
         frames = self._fit_video(video)
-        _, generator = self._seeded(seed)
+        _, generator = self._seeded("caption", seed)
         return self._decode(self._encode_video(frames, generator))
 
     @torch.inference_mode()
@@ -635,9 +652,12 @@ class UniViGUPipeline:
         ``step_cache`` as in :meth:`generate`; the final clean pass always runs every block.
         """
         # 1. Check inputs.
-        request = self._video_request(height, width, num_frames, fps, steps, guidance_scale, step_cache)
-        length = self._caption_length(max_tokens)
-        seed, generator = self._seeded(seed)
+        self._check_texts("joint", prompt=prompt, negative_prompt=negative_prompt)
+        request = self._video_request(
+            "joint", height, width, num_frames, fps, steps, guidance_scale, step_cache
+        )
+        length = self._caption_length("joint", max_tokens)
+        seed, generator = self._seeded("joint", seed)
         # 2. Encode the prompt.
         cond, uncond = self._conditions(prompt, negative_prompt, request.guidance_scale)
         # 3. The initial latent and the initial tokens.
@@ -670,6 +690,7 @@ class UniViGUPipeline:
 
     def _video_request(
         self,
+        mode: limits.Mode,
         height: int | None,
         width: int | None,
         num_frames: int | None,
@@ -679,20 +700,22 @@ class UniViGUPipeline:
         step_cache: float | None = None,
     ) -> VideoRequest:
         d = self.defaults
+        rules = self.limits[mode].rules
         return VideoRequest(
-            height=limits.check_side("height", d.height if height is None else height, MAX_SIDE),
-            width=limits.check_side("width", d.width if width is None else width, MAX_SIDE),
-            num_frames=limits.check_frames(d.num_frames if num_frames is None else num_frames, MAX_FRAMES),
-            fps=int(limits.check_range("fps", d.fps if fps is None else fps, 1, 120)),
-            steps=int(limits.check_range("steps", d.steps if steps is None else steps, 1, 1000)),
-            guidance_scale=limits.check_range(
-                "guidance_scale",
-                d.guidance_scale if guidance_scale is None else guidance_scale,
-                0.0,
-                MAX_GUIDANCE,
+            height=int(rules["height"].check(d.height if height is None else height)),
+            width=int(rules["width"].check(d.width if width is None else width)),
+            num_frames=int(rules["num_frames"].check(d.num_frames if num_frames is None else num_frames)),
+            fps=int(rules["fps"].check(d.fps if fps is None else fps)),
+            steps=int(rules["steps"].check(d.steps if steps is None else steps)),
+            guidance_scale=rules["guidance_scale"].check(
+                d.guidance_scale if guidance_scale is None else guidance_scale
             ),
-            step_cache=None if step_cache is None else check_threshold(step_cache),
+            step_cache=None if step_cache is None else rules["step_cache"].check(step_cache),
         )
+
+    def _check_texts(self, mode: limits.Mode, **texts: str | None) -> None:
+        """Each text within ``mode``'s token limits, counted as :meth:`TextSide.token_count` counts."""
+        self.limits[mode].check(texts, self.text.token_count)
 
     def _denoiser(self, request: VideoRequest) -> Denoiser:
         """The transformer, or a fresh step cache around it when the request asks for one."""
@@ -700,15 +723,15 @@ class UniViGUPipeline:
             return self.transformer
         return FirstBlockCache(self.transformer, request.step_cache)
 
-    def _caption_length(self, max_tokens: int | None) -> int:
+    def _caption_length(self, mode: limits.Mode, max_tokens: int | None) -> int:
         length = self.defaults.caption_tokens if max_tokens is None else max_tokens
-        return int(limits.check_range("max_tokens", length, 1, self.defaults.max_caption_tokens))
+        return int(self.limits[mode].rules["max_tokens"].check(length))
 
-    def _seeded(self, seed: int | None) -> tuple[int, torch.Generator]:
+    def _seeded(self, mode: limits.Mode, seed: int | None) -> tuple[int, torch.Generator]:
         """The seed actually used (drawn when None) and a generator on the pipeline's device."""
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        limits.check_range("seed", seed, 0, 2**63 - 1)
+        self.limits[mode].rules["seed"].check(seed)
         return seed, torch.Generator(self.device).manual_seed(seed)
 
     def _conditions(
@@ -812,9 +835,9 @@ class UniViGUPipeline:
                     f"video frames must be uint8 of shape (T, H, W, 3), got {video.dtype} {video.shape}",
                     param="video",
                 )
-            limits.check_frames(video.shape[0], MAX_FRAMES, name="video frame count")
-            limits.check_side("video height", video.shape[1], MAX_SIDE)
-            limits.check_side("video width", video.shape[2], MAX_SIDE)
+            limits.RULES["num_frames"].check(video.shape[0], name="video frame count")
+            limits.RULES["height"].check(video.shape[1], name="video height")
+            limits.RULES["width"].check(video.shape[2], name="video width")
             return video
         from model.media import read_video
 

@@ -23,11 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.errors import InvalidParameterError
+from model import limits
 from model.network import UniViGUTransformer
-
-MAX_THRESHOLD = 1.0
-"""Largest accepted threshold: a first-block residual that changed by 100 % is a different input."""
 
 
 @dataclass
@@ -39,14 +36,8 @@ class CacheStats:
 
 
 def check_threshold(threshold: float) -> float:
-    """A step-cache threshold in ``[0, 1]``."""
-    if not 0.0 <= threshold <= MAX_THRESHOLD:
-        raise InvalidParameterError(
-            f"step_cache must be between 0 and {MAX_THRESHOLD} (a relative change; 0.05 to 0.2 are typical), "
-            f"got {threshold}",
-            param="step_cache",
-        )
-    return threshold
+    """A step-cache threshold: a relative change in ``[0, 1]`` (0.05 to 0.2 are typical)."""
+    return limits.RULES["step_cache"].check(threshold)
 
 
 def relative_change(current: torch.Tensor, reference: torch.Tensor) -> float:

@@ -26,13 +26,10 @@ import torch
 from model import limits
 from model.network import UniViGUTransformer, VideoKeyValues
 
-MAX_INTERVAL = 1000
-"""The largest refresh interval accepted: the most steps a caption may take."""
-
 
 def check_interval(interval: int) -> int:
-    """A refresh interval: an integer in ``[1, MAX_INTERVAL]`` (1 = exact, ``>= steps`` = one full pass)."""
-    return int(limits.check_range("video_reuse", interval, 1, MAX_INTERVAL))
+    """A refresh interval within ``limits.RULES["video_reuse"]`` (1 = exact, ``>= steps`` = one full pass)."""
+    return int(limits.RULES["video_reuse"].check(interval))
 
 
 @dataclass

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,23 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]
         worker.stop()
 
 
+@contextmanager
+def unpublished_tokenizer(settings: Settings) -> Iterator[None]:
+    """The served tokenizer withdrawn, as while a worker publishes another model: gateways that have not
+    loaded it yet count prompts in characters only, so a job with too many tokens reaches the worker,
+    which refuses it itself."""
+    redis = Redis.from_url(settings.redis_url)
+    key = f"{settings.key_prefix}:tokenizer"
+    published = redis.get(key)
+    redis.delete(key)
+    try:
+        yield
+    finally:
+        if published is not None:
+            redis.set(key, published)
+        redis.close()
+
+
 def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "") -> Any:
     """Poll until ``predicate()`` is truthy; a waiting limit, not a timing assertion."""
     deadline = time.monotonic() + timeout
@@ -202,7 +220,7 @@ def queued(
         idempotency=None,
         idempotency_ttl_seconds=60,
         enqueue=lambda pipeline: None,
-        admit=lambda: None,
+        admit=lambda depth: None,
         queue_key="unused-queue",
         webhook=webhook,
     )

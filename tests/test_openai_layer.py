@@ -11,12 +11,14 @@ import pytest
 from conftest import assert_envelope, queued
 from fastapi.testclient import TestClient
 
+from model.limits import hard_limits
 from service.contract.schemas import ErrorInfo, Job, JobResult, JobStatus, JobType, ServedModel
 from service.contract.settings import Settings
 from service.gateway.app import create_app
 from service.gateway.errors import HttpError, failed_job_error
 from service.gateway.openai.videos import frames_for, parse_size, seconds_text, to_video
 
+FRAMES = Settings().cap(hard_limits("generate")).rules["num_frames"]  # 1 to 129 frames
 TINY = ServedModel(
     preset="tiny",
     max_caption_tokens=48,
@@ -29,21 +31,23 @@ TINY = ServedModel(
     [("4", 8, 33), ("4", 16, 65), ("8", 16, 129), ("1", 8, 9), ("2.125", 8, 17), (0.1, 8, 1), ("0.5", 8, 5)],
 )
 def test_seconds_become_the_nearest_4k_plus_1_frames(seconds: str | float, fps: int, frames: int) -> None:
-    count, note = frames_for(seconds, fps, Settings())
+    count, note = frames_for(seconds, fps, FRAMES)
     assert count == frames and (count - 1) % 4 == 0
     assert f"{count} frames" in note and f"{fps} fps" in note
 
 
 def test_seconds_outside_the_frame_range_or_not_positive_are_refused() -> None:
     with pytest.raises(HttpError) as long:
-        frames_for("12", 16, Settings())  # 193 frames; at most 129
+        frames_for("12", 16, FRAMES)  # 193 frames; at most 129
     assert (long.value.status, long.value.param) == (422, "seconds")
     assert "between 0.0625 and 8.0625" in long.value.message
     for bad in ("0", "-2", "soon", "nan", "inf"):
         with pytest.raises(HttpError):
-            frames_for(bad, 8, Settings())
+            frames_for(bad, 8, FRAMES)
     with pytest.raises(HttpError):
-        frames_for("4", 8, Settings(max_frames=31))  # 33 frames > 29, the largest 4k+1 under 31
+        frames_for(
+            "4", 8, Settings(max_frames=31).cap(hard_limits("generate")).rules["num_frames"]
+        )  # 33 frames > 29, the largest 4k+1 under 31
 
 
 def test_sizes_are_width_by_height() -> None:

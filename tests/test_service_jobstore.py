@@ -99,7 +99,7 @@ def test_pages_oldest_first_after_a_cursor_and_by_several_types(store: JobStore)
         idempotency=None,
         idempotency_ttl_seconds=60,
         enqueue=lambda pipeline: None,
-        admit=lambda: None,
+        admit=lambda depth: None,
         queue_key="unused-queue",
     )
     videos = (JobType.generate, JobType.joint)

@@ -71,7 +71,7 @@ def test_relative_change_is_the_mean_absolute_change_over_the_mean_magnitude() -
 
 @pytest.mark.parametrize("threshold", [-0.1, 1.5])
 def test_a_threshold_outside_zero_to_one_is_refused(network, pipe, threshold) -> None:
-    with pytest.raises(InvalidParameterError, match="step_cache must be between 0 and 1") as error:
+    with pytest.raises(InvalidParameterError, match="step_cache must be between 0.0 and 1.0") as error:
         FirstBlockCache(network, threshold)
     assert error.value.param == "step_cache"
     with pytest.raises(InvalidParameterError, match="step_cache"):

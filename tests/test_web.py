@@ -324,3 +324,54 @@ def test_with_api_keys_the_page_sends_the_key_and_still_plays_the_video(
             assert errors == []
         finally:
             context.close()
+
+
+def test_the_page_the_schema_and_get_model_show_the_limits_the_pipeline_enforces(
+    page: Any, live: LiveService
+) -> None:
+    """GET /model, /openapi.json and the page's fields show, for every mode and option, the bounds the
+    served pipeline (the tiny preset within the worker's settings) enforces, and the pipeline refuses the
+    next value beyond each."""
+    import numpy as np
+
+    from model.errors import InvalidParameterError, PromptTooLongError
+    from model.pipeline import UniViGUPipeline
+    from worker.loading import cap_limits
+
+    pipe = UniViGUPipeline.from_preset("tiny")
+    cap_limits(pipe, live.settings)
+    model = httpx.get(f"{live.url}/model").json()
+    schema = httpx.get(f"{live.url}/openapi.json").json()
+    caption_form = schema["paths"]["/caption"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    properties = {
+        "generate": schema["components"]["schemas"]["GenerateRequest"]["properties"],
+        "joint": schema["components"]["schemas"]["JointRequest"]["properties"],
+        "caption": caption_form["schema"]["properties"],
+    }
+    runs = {
+        "generate": lambda **options: pipe.generate(options.pop("prompt", "a red ball"), **options),
+        "joint": lambda **options: pipe.joint(options.pop("prompt", "a red ball"), **options),
+        "caption": lambda **options: pipe.caption(np.zeros((5, 32, 32, 3), np.uint8), **options),
+    }
+    for mode, enforced in pipe.limits.items():
+        assert model["limits"][mode] == enforced.to_json(), mode
+        for name, rule in enforced.rules.items():
+            shown = next(branch for branch in properties[mode][name]["anyOf"] if branch["type"] != "null")
+            assert (shown["minimum"], shown["maximum"]) == (rule.minimum, rule.maximum), (mode, name)
+            field = page.locator(f"#{mode}-{name}")
+            bounds = float(field.get_attribute("min")), float(field.get_attribute("max"))
+            assert bounds == (float(rule.minimum), float(rule.maximum)), (mode, name)
+            beyond = rule.maximum + (rule.multiple_of or (4 if rule.four_k_plus_one else 1))
+            with pytest.raises(InvalidParameterError) as refused:
+                runs[mode](**{name: beyond})
+            assert refused.value.param == name
+        for name, text in enforced.texts.items():
+            assert text.max_tokens is not None
+            shown = properties[mode][name]
+            shown = next((b for b in shown.get("anyOf", []) if b["type"] != "null"), shown)
+            assert shown["x-max-tokens"] == text.max_tokens and shown["maxLength"] == text.max_chars
+            hint = page.locator(f".field:has(#{mode}-{name}) .hint").inner_text()
+            assert f"up to {text.max_tokens} tokens" in hint, (mode, name)
+            with pytest.raises(PromptTooLongError) as refused:
+                runs[mode](**{name: " ".join(["red"] * text.max_tokens)})  # one word more, with the end token
+            assert refused.value.param == name

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import TINY_VIDEO, WorkerProcess, make_settings, wait_for
+from conftest import TINY_VIDEO, WorkerProcess, make_settings, unpublished_tokenizer, wait_for
 from live_http import serve_gateway
 from test_webhooks import FAST_WEBHOOKS, verified
 from webhook_receiver import webhook_receiver
@@ -72,9 +72,11 @@ def delivered(http: httpx.Client, job_id: str) -> dict[str, Any]:
 
 
 def test_each_terminal_job_gets_exactly_one_verified_event_with_two_gateways(service: Service) -> None:
-    """Succeeded (the worker), failed (the worker: the prompt has too many tokens for the model) and
-    canceled while running: one event each, though two gateways deliver from the same outbox."""
+    """Succeeded (the worker), failed (the worker: the prompt has too many tokens for the model, and these
+    gateways count characters only) and canceled while running: one event each, though two gateways
+    deliver from the same outbox."""
     with (
+        unpublished_tokenizer(service.settings),
         webhook_receiver() as receiver,
         serve_gateway(service.settings) as first,
         serve_gateway(service.settings) as second,

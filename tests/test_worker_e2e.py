@@ -9,7 +9,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import TINY_VIDEO, WorkerProcess, assert_envelope, make_settings, wait_for
+from conftest import (
+    TINY_VIDEO,
+    WorkerProcess,
+    assert_envelope,
+    make_settings,
+    unpublished_tokenizer,
+    wait_for,
+)
 from fastapi.testclient import TestClient
 
 from model.media import read_video, write_mp4
@@ -141,9 +148,12 @@ def test_caption_end_to_end(live: TestClient, tmp_path: Path) -> None:
 
 
 def test_model_errors_fail_the_job_with_their_code(live: TestClient) -> None:
-    # The gateway counts characters; only the model's tokenizer can count tokens (24 for tiny).
+    # 40 tokens for a model that takes 24: a gateway that knows the tokenizer refuses it at submit (see
+    # test_the_worker_publishes_its_model_and_the_gateway_enforces_it); one that does not yet, the worker.
     long_prompt = " ".join(["red"] * 40)
-    job_id = live.post("/joint", json={"prompt": long_prompt, **TINY_VIDEO}).json()["id"]
+    settings = settings_of(live)
+    with unpublished_tokenizer(settings), TestClient(create_app(settings)) as gateway:
+        job_id = gateway.post("/joint", json={"prompt": long_prompt, **TINY_VIDEO}).json()["id"]
     job, _ = watch(live, job_id)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "prompt_too_long"
@@ -209,6 +219,10 @@ def test_the_worker_publishes_its_model_and_the_gateway_enforces_it(live: TestCl
     assert model["defaults"]["num_frames"] == 17
     too_long = live.post("/joint", json={"prompt": "a cat", **TINY_VIDEO, "max_tokens": 49})
     assert_envelope(too_long, 422, "invalid_parameter", "max_tokens")
+    # The tiny model's generate prompt takes 24 tokens (the end token counted), checked at submit.
+    assert model["limits"]["generate"]["prompt"]["max_tokens"] == 24 and model["tokenizer_sha256"]
+    long_prompt = live.post("/generate", json={"prompt": " ".join(["red"] * 24), **TINY_VIDEO})
+    assert_envelope(long_prompt, 422, "prompt_too_long", "prompt")
 
 
 def test_idempotent_resubmit_returns_the_finished_job(live: TestClient) -> None:

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO, TINY_VIDEO, WorkerProcess, settings_env, wait_for, wait_for_status
+from conftest import (
+    REPO,
+    TINY_VIDEO,
+    WorkerProcess,
+    settings_env,
+    unpublished_tokenizer,
+    wait_for,
+    wait_for_status,
+)
 from fastapi.testclient import TestClient
 from gloo_group import run_on_group
 
@@ -105,8 +113,10 @@ def test_a_refused_and_a_canceled_job_end_on_every_rank_and_the_group_serves_on(
 ) -> None:
     with TestClient(create_app(group_settings)) as client:
         start_worker(group_settings).wait_ready(client)
-        # The gateway counts characters; the model's tokenizer (24 tokens for tiny) refuses it on every rank.
-        wordy = client.post("/generate", json={"prompt": "word " * 40, **TINY_VIDEO}).json()["id"]
+        # The gateway counts characters until it knows the tokenizer; the model's (24 tokens for tiny)
+        # refuses the prompt on every rank.
+        with unpublished_tokenizer(group_settings), TestClient(create_app(group_settings)) as counting_chars:
+            wordy = counting_chars.post("/generate", json={"prompt": "word " * 40, **TINY_VIDEO}).json()["id"]
         assert wait_for_status(client, wordy, FINISHED)["error"]["code"] == "prompt_too_long"
         job_id = client.post("/generate", json=LONG_JOB).json()["id"]
         wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress"] > 0, timeout=120, what="progress")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,10 +117,27 @@ def warm_up(pipeline: UniViGUPipeline | GroupPipeline, steps: int) -> dict[str, 
     return seconds
 
 
-def describe_model(pipeline: UniViGUPipeline, group: WorkerGroup | None = None) -> ServedModel:
+def cap_limits(pipeline: UniViGUPipeline, settings: Settings) -> None:
+    """Narrow what the pipeline accepts to the operator's request limits, so that the limits the worker
+    publishes are the ones its pipeline enforces."""
+    pipeline.limits = {mode: settings.cap(limits) for mode, limits in pipeline.limits.items()}
+
+
+def served_tokenizer(pipeline: UniViGUPipeline) -> str | None:
+    """The pipeline's ``tokenizer.json``, with which the gateway counts prompt tokens as the pipeline
+    does (the ``tokenizers`` package, no torch); None for a tokenizer without one (a slow tokenizer)."""
+    backend = getattr(pipeline.text.tokenizer, "backend_tokenizer", None)
+    return None if backend is None else str(backend.to_str())
+
+
+def describe_model(
+    pipeline: UniViGUPipeline, group: WorkerGroup | None = None, tokenizer: str | None = None
+) -> ServedModel:
     """What this worker (or the worker ``group`` it leads) serves, for the gateway's edge checks and
-    ``GET /model``."""
+    ``GET /model``; ``tokenizer``: the published ``tokenizer.json`` (:func:`served_tokenizer`)."""
     return ServedModel(
+        limits={mode: limits.to_json() for mode, limits in pipeline.limits.items()},
+        tokenizer_sha256=None if tokenizer is None else hashlib.sha256(tokenizer.encode()).hexdigest(),
         devices=group.devices if group else [str(pipeline.device)],
         guidance_parallel=group.plan.guidance if group else 1,
         sequence_parallel=group.plan.sequence if group else 1,

@@ -32,7 +32,7 @@ from service.contract.settings import Settings
 from service.contract.store import JobStore
 from worker import tasks
 from worker.group import WorkerGroup
-from worker.loading import ModelSpec, describe_model, load_pipeline, warm_up
+from worker.loading import ModelSpec, cap_limits, describe_model, load_pipeline, served_tokenizer, warm_up
 from worker.runner import CaptionBatching, JobRunner
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ def serve(
     log.info("loading %s", spec.describe())
     started = time.monotonic()
     pipeline = load_pipeline(spec)
+    cap_limits(pipeline, settings)
     served = pipeline if group is None else group.lead(pipeline, settings.attention_backend)
     metrics.model_load.set(time.monotonic() - started)
     log.info(
@@ -187,7 +188,8 @@ def serve(
     files.ensure_dirs()
     redis = connect_redis(settings)
     store = job_store(settings, redis)
-    store.publish_model(describe_model(pipeline, group))
+    tokenizer = served_tokenizer(pipeline)
+    store.publish_model(describe_model(pipeline, group, tokenizer), tokenizer)
     runner = JobRunner(
         served,
         store=store,

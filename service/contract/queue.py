@@ -49,9 +49,10 @@ class JobQueue:
     def depth(self) -> int:
         return self.rq.count
 
-    def admit(self) -> None:
-        """Raise :class:`QueueFull` when no more jobs are accepted."""
-        if self.depth() >= self.max_length:
+    def admit(self, depth: int) -> None:
+        """Raise :class:`QueueFull` when a queue of ``depth`` jobs accepts no more (``JobStore.create``
+        reads the depth inside its transaction)."""
+        if depth >= self.max_length:
             raise QueueFull(f"the queue holds {self.max_length} jobs, its limit; retry later")
 
     def enqueue(self, job_id: str, pipeline: Pipeline) -> None:

@@ -1,13 +1,15 @@
 """Request and response schemas shared by the gateway and the workers (torch-free).
 
-The ``*Params`` models hold the structural rules (types, multiples of 16, 4k+1 frame counts, no unknown
-fields). :func:`build_request_models` derives the gateway's request models from them with the numeric
-ranges of the running :class:`~service.contract.settings.Settings`, so the ranges appear in OpenAPI and in every
-validation message. Values are never rounded: a wrong value is rejected with what is allowed.
+The ``*Params`` models hold the options' types (no unknown fields); the rules every value follows are
+``model.limits``'s. :func:`build_request_models` derives the gateway's request models from them with the
+limits of the running :class:`~service.contract.settings.Settings` (the hard bounds within the operator's
+caps), each option checked by its one :class:`~model.limits.Rule` and its range shown in OpenAPI. Values
+are never rounded: a wrong value is rejected with what is allowed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -15,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, computed_field, create_model
 
+from model.limits import OPTIONS, Limits, Mode, Rule, hard_limits
 from service.contract.settings import Settings
 
 
@@ -36,16 +39,6 @@ class JobStatus(StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
 
-def _four_k_plus_one(value: int | None) -> int | None:
-    if value is not None and value % 4 != 1:
-        lower = value - (value - 1) % 4
-        raise ValueError(f"must be 4k+1 (e.g. {lower} or {lower + 4})")
-    return value
-
-
-SEED = Field(None, ge=0, le=2**32 - 1, description="Random seed; omitted means random.")
-
-
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,19 +47,15 @@ class VideoOptions(_Params):
     """Video options of /generate and /joint. Omitted values use the model's defaults."""
 
     negative_prompt: str | None = None
-    height: int | None = Field(None, multiple_of=16, description="Pixels, a multiple of 16.")
-    width: int | None = Field(None, multiple_of=16, description="Pixels, a multiple of 16.")
-    num_frames: Annotated[int | None, AfterValidator(_four_k_plus_one)] = Field(
-        None, description="Frames, 4k+1 (1, 5, 9, ..., 81)."
-    )
+    height: int | None = Field(None, description="Pixels, a multiple of 16.")
+    width: int | None = Field(None, description="Pixels, a multiple of 16.")
+    num_frames: int | None = Field(None, description="Frames, 4k+1 (1, 5, 9, ...).")
     fps: int | None = None
-    steps: int | None = Field(None, ge=1, description="Denoising steps.")
-    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance scale.")
-    seed: int | None = SEED
+    steps: int | None = Field(None, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
+    seed: int | None = Field(None, description="Random seed; omitted means random.")
     step_cache: float | None = Field(
         None,
-        ge=0,
-        le=1,
         description="Opt-in step cache: skip the later blocks on steps whose first-block residual changed "
         "by less than this fraction (0.05-0.2 typical; faster, slightly different video). Omitted: off.",
     )
@@ -77,20 +66,18 @@ class GenerateParams(VideoOptions):
 
 
 class JointParams(GenerateParams):
-    max_tokens: int | None = Field(None, ge=1, description="Longest caption, in tokens.")
+    max_tokens: int | None = Field(None, description="Longest caption, in tokens.")
 
 
 class CaptionParams(_Params):
     """Options of /caption (multipart form fields next to the video file)."""
 
     prompt: str | None = Field(None, description="Optional text that conditions the caption.")
-    steps: int | None = Field(None, ge=1, description="Denoising steps.")
-    max_tokens: int | None = Field(None, ge=1, description="Longest caption, in tokens.")
-    seed: int | None = SEED
+    steps: int | None = Field(None, description="Denoising steps.")
+    max_tokens: int | None = Field(None, description="Longest caption, in tokens.")
+    seed: int | None = Field(None, description="Random seed; omitted means random.")
     video_reuse: int | None = Field(
         None,
-        ge=1,
-        le=1000,
         description="A full pass over the video every this many steps and text-only passes between, which "
         "reuse the video's keys and values (much cheaper; a slightly different caption). 1: exact; at "
         "least the steps: one full pass only. Omitted: the served model's default (GET /model).",
@@ -118,27 +105,46 @@ WEBHOOK_FIELD = "webhook"
 models take it, the job's parameters (``*Params``, what the worker reads) do not."""
 
 
+def _checked(rule: Rule) -> Callable[[Any], Any]:
+    """``rule`` as a field validator; the error mapping adds the field's name and the value."""
+
+    def check(value: Any) -> Any:
+        if value is None or rule.allows(value):
+            return value
+        raise ValueError(f"must be {rule.describe()}{rule.nearest(value)}")
+
+    return check
+
+
+def _request_fields(base: type[_Params], limits: Limits) -> dict[str, Any]:
+    """The fields of ``base`` bounded by ``limits``: each numeric option checked by its rule (its range
+    and multiple shown in OpenAPI), each text within its characters."""
+    fields: dict[str, Any] = {}
+    for name, field in base.model_fields.items():
+        description = field.description or (OPTIONS[name].help.capitalize() if name in OPTIONS else None)
+        if name in limits.rules:
+            rule = limits.rules[name]
+            fields[name] = (
+                Annotated[OPTIONS[name].type | None, AfterValidator(_checked(rule))],
+                Field(
+                    None,
+                    ge=rule.minimum,
+                    le=rule.maximum,
+                    multiple_of=rule.multiple_of,
+                    description=description,
+                ),
+            )
+        elif name in limits.texts:
+            chars = limits.texts[name].max_chars
+            if field.is_required():
+                fields[name] = (str, Field(min_length=1, max_length=chars, description=description))
+            else:
+                fields[name] = (str | None, Field(None, max_length=chars, description=description))
+    return fields
+
+
 def build_request_models(settings: Settings) -> RequestModels:
-    """Subclass the ``*Params`` models with the numeric ranges of ``settings``, and add ``webhook``."""
-    text: Any = (str | None, Field(None, max_length=settings.max_prompt_chars))
-    size: dict[str, Any] = {"multiple_of": 16, "ge": settings.min_size, "le": settings.max_size}
-    video: dict[str, Any] = {
-        "prompt": (str, Field(min_length=1, max_length=settings.max_prompt_chars)),
-        "negative_prompt": text,
-        "height": (int | None, Field(None, description="Pixels, a multiple of 16.", **size)),
-        "width": (int | None, Field(None, description="Pixels, a multiple of 16.", **size)),
-        "num_frames": (
-            Annotated[int | None, AfterValidator(_four_k_plus_one)],
-            Field(None, ge=settings.min_frames, le=settings.max_frames, description="Frames, 4k+1."),
-        ),
-        "fps": (int | None, Field(None, ge=settings.min_fps, le=settings.max_fps)),
-        "guidance_scale": (float | None, Field(None, ge=0, le=settings.max_guidance_scale)),
-    }
-    steps: Any = (int | None, Field(None, ge=1, le=settings.max_steps, description="Denoising steps."))
-    tokens: Any = (
-        int | None,
-        Field(None, ge=1, le=settings.max_caption_tokens, description="Caption tokens."),
-    )
+    """Subclass the ``*Params`` models with the limits of ``settings``, and add ``webhook``."""
     webhook: Any = (
         HttpUrl | None,
         Field(
@@ -146,21 +152,16 @@ def build_request_models(settings: Settings) -> RequestModels:
             description="An http(s) URL that gets a signed event (Standard Webhooks) when the job ends.",
         ),
     )
+
+    def request_model(name: str, mode: Mode) -> Any:
+        base = PARAMS_BY_TYPE[JobType(mode)]
+        limits = settings.cap(hard_limits(mode))
+        return create_model(name, __base__=base, webhook=webhook, **_request_fields(base, limits))
+
     return RequestModels(
-        generate=create_model(
-            "GenerateRequest", __base__=GenerateParams, steps=steps, webhook=webhook, **video
-        ),
-        joint=create_model(
-            "JointRequest", __base__=JointParams, steps=steps, max_tokens=tokens, webhook=webhook, **video
-        ),
-        caption=create_model(
-            "CaptionRequest",
-            __base__=CaptionParams,
-            prompt=text,
-            steps=steps,
-            max_tokens=tokens,
-            webhook=webhook,
-        ),
+        generate=request_model("GenerateRequest", "generate"),
+        joint=request_model("JointRequest", "joint"),
+        caption=request_model("CaptionRequest", "caption"),
     )
 
 
@@ -184,6 +185,16 @@ class ServedModel(BaseModel):
     weights_sha256: str | None = Field(
         None, description="sha256 of the served weights, as each result records it (result.model)."
     )
+    limits: dict[Mode, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict,
+        description="What each mode (generate, joint, caption) accepts, as the pipeline enforces it: per numeric "
+        "option its minimum and maximum (and multiple_of, or four_k_plus_one for frame counts), per text "
+        "(prompt, negative_prompt) its max_tokens in the served tokenizer's tokens, the end token counted, "
+        "and its max_chars.",
+    )
+    tokenizer_sha256: str | None = Field(
+        None, description="SHA-256 of the served tokenizer.json, with which the gateway counts prompt tokens."
+    )
     attention_backend: str | None = Field(None, description="The attention kernel the workers use.")
     compiled: bool = Field(False, description="Whether the workers run torch.compile'd transformer blocks.")
     devices: list[str] = Field(
@@ -193,6 +204,13 @@ class ServedModel(BaseModel):
     sequence_parallel: int = Field(
         1, description="Devices that share each pass's tokens (Ulysses attention)."
     )
+
+    def mode_limits(self, mode: Mode) -> Limits:
+        """What ``mode`` accepts as published; from the caption length alone for a worker that published
+        no limits."""
+        if mode in self.limits:
+            return Limits.from_json(mode, self.limits[mode])
+        return hard_limits(mode).narrowed(maximum={"max_tokens": self.max_caption_tokens})
 
     @computed_field(  # type: ignore[prop-decorator]
         description="The model's name in the OpenAI-compatible API: univigu-<preset>, or univigu."

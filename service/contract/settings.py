@@ -20,6 +20,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.limits import Limits
+
 WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
@@ -146,17 +148,29 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often each gateway looks for webhook events due for delivery."
     )
 
-    # --- request limits (validated at the edge; None fields use the model's defaults) --------------------
-    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
-    min_size: int = Field(16, ge=16, description="Smallest height/width (multiples of 16).")
-    max_size: int = Field(1280, ge=16, description="Largest height/width (multiples of 16).")
-    min_frames: int = Field(1, ge=1, description="Fewest frames (num_frames = 4k+1).")
-    max_frames: int = Field(129, ge=1, description="Most frames (num_frames = 4k+1).")
+    # --- request limits: the operator's caps within the served model's own (model.limits; GET /model) ---
+    max_prompt_chars: int = Field(
+        2000,
+        ge=1,
+        description="Longest prompt or negative prompt, in characters (tokens are the served model's limit).",
+    )
+    min_size: int = Field(
+        16, ge=16, description="Smallest height/width (a multiple of 16; the hard bound is 16)."
+    )
+    max_size: int = Field(
+        1280, ge=16, description="Largest height/width (a multiple of 16; the hard bound is 1920)."
+    )
+    min_frames: int = Field(
+        1, ge=1, description="Fewest frames (num_frames = 4k+1; a cap between two such values moves inside)."
+    )
+    max_frames: int = Field(129, ge=1, description="Most frames (num_frames = 4k+1; the hard bound is 161).")
     min_fps: int = Field(1, ge=1, description="Lowest output frame rate.")
-    max_fps: int = Field(60, ge=1, description="Highest output frame rate.")
-    max_steps: int = Field(100, ge=1, description="Most denoising steps.")
+    max_fps: int = Field(60, ge=1, description="Highest output frame rate (the hard bound is 120).")
+    max_steps: int = Field(100, ge=1, description="Most denoising steps (the hard bound is 1000).")
     max_guidance_scale: float = Field(20.0, ge=0, description="Largest classifier-free guidance scale.")
-    max_caption_tokens: int = Field(512, ge=1, description="Longest caption, in tokens.")
+    max_caption_tokens: int = Field(
+        512, ge=1, description="Longest caption, in tokens, within the served model's own (GET /model)."
+    )
 
     # --- worker ------------------------------------------------------------------------------------------
     device: str = Field("cpu", description="Torch device of `univigu worker` (one worker per GPU).")
@@ -280,6 +294,27 @@ class Settings(BaseSettings):
             for name, value in values.items()
             if value is not None
         }
+
+    def cap(self, limits: Limits) -> Limits:
+        """``limits`` within these request limits: what a worker publishes and the gateway enforces."""
+        return limits.narrowed(
+            minimum={
+                "height": self.min_size,
+                "width": self.min_size,
+                "num_frames": self.min_frames,
+                "fps": self.min_fps,
+            },
+            maximum={
+                "height": self.max_size,
+                "width": self.max_size,
+                "num_frames": self.max_frames,
+                "fps": self.max_fps,
+                "steps": self.max_steps,
+                "guidance_scale": self.max_guidance_scale,
+                "max_tokens": self.max_caption_tokens,
+            },
+            max_chars=self.max_prompt_chars,
+        )
 
     @property
     def worker_lost_bound_seconds(self) -> float:

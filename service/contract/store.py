@@ -219,6 +219,7 @@ class JobStore:
         self._running = f"{prefix}:running"
         self._workers = f"{prefix}:workers"
         self._model = f"{prefix}:model"
+        self._tokenizer = f"{prefix}:tokenizer"
         self._webhooks = f"{prefix}:webhooks"
         self._ends = f"{prefix}:ends"
         self._timing = f"{prefix}:timing"
@@ -248,31 +249,33 @@ class JobStore:
         idempotency: Idempotency | None,
         idempotency_ttl_seconds: int,
         enqueue: Callable[[Pipeline], None],
-        admit: Callable[[], None],
+        admit: Callable[[int], None],
         queue_key: str,
         owner: str | None = None,
         webhook: str | None = None,
     ) -> Submission:
         """Store a queued record and enqueue it in one transaction, or return the Idempotency-Key's job.
 
-        ``admit`` runs before anything is written and may raise (a full queue); ``enqueue`` adds the
-        queue's writes to the same MULTI so that a record never exists without its queue entry. The new
-        job's position in the list ``queue_key`` is read in that MULTI too. ``owner`` is kept on the
-        record (see :class:`service.gateway.dependencies.Caller`); so is ``webhook``, the URL that gets
-        the job's end.
+        ``admit(depth)`` gets the length of the list ``queue_key`` before anything is written and may
+        raise (a full queue). The list is WATCHed from that read to the MULTI, so concurrent submits
+        cannot all pass one depth: a submit whose list changed meanwhile reads it again, and the queue
+        never holds more than ``admit`` lets in. ``enqueue`` adds the queue's writes to the same MULTI so
+        that a record never exists without its queue entry. The new job's position in the list
+        ``queue_key`` is read in that MULTI too. ``owner`` is kept on the record (see
+        :class:`service.gateway.dependencies.Caller`); so is ``webhook``, the URL that gets the job's end.
         """
         idem_key = f"{self.prefix}:idem:{idempotency.scope}:{idempotency.key}" if idempotency else None
         now = _now()
         with self.redis.pipeline() as pipe:
             while True:
                 try:
+                    pipe.watch(queue_key, *([idem_key] if idem_key else []))
                     if idempotency and idem_key:
-                        pipe.watch(idem_key)
                         claimed = pipe.get(idem_key)
                         replayed = self._replay(json.loads(claimed), idempotency) if claimed else None
                         if replayed is not None:
                             return Submission(replayed, created=False)
-                    admit()
+                    admit(int(pipe.llen(queue_key)))
                     pipe.multi()
                     if idempotency and idem_key:
                         claim = {"fingerprint": idempotency.fingerprint, "job_id": job_id}
@@ -634,9 +637,21 @@ class JobStore:
 
     # --- workers -----------------------------------------------------------------------------------------
 
-    def publish_model(self, model: ServedModel) -> None:
-        """Record what the workers serve (each worker at start; all workers of a queue serve one model)."""
-        self.redis.set(self._model, model.model_dump_json())
+    def publish_model(self, model: ServedModel, tokenizer: str | None = None) -> None:
+        """Record what the workers serve (each worker at start; all workers of a queue serve one model),
+        with the ``tokenizer.json`` its prompts are counted in (None: none the gateway can load)."""
+        with self.redis.pipeline() as pipe:
+            pipe.set(self._model, model.model_dump_json())
+            if tokenizer is None:
+                pipe.delete(self._tokenizer)
+            else:
+                pipe.set(self._tokenizer, tokenizer)
+            pipe.execute()
+
+    def served_tokenizer(self) -> str | None:
+        """The served model's ``tokenizer.json`` (see :meth:`publish_model`)."""
+        raw = cast(bytes | None, self.redis.get(self._tokenizer))
+        return None if raw is None else raw.decode()
 
     def served_model(self) -> ServedModel | None:
         raw = self.redis.get(self._model)

@@ -29,6 +29,7 @@ from service.gateway.http_metrics import HttpMetricsMiddleware
 from service.gateway.maintenance import Maintenance
 from service.gateway.ratelimit import RateLimiter
 from service.gateway.routes import caption, events, health, jobs, submit
+from service.gateway.served import ServedLimits
 from service.gateway.uploads import FRAMING_BYTES
 from service.gateway.watcher import JobWatcher
 from service.gateway.web import mount_web
@@ -49,6 +50,7 @@ def build_services(settings: Settings) -> Services:
         metrics=GatewayMetrics(store, queue, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
         models=build_request_models(settings),
         timing=TimingCache(store, worker_ttl_seconds=settings.heartbeat_ttl_seconds),
+        served=ServedLimits(store, settings),
         rate_limiter=(
             RateLimiter(
                 redis,
@@ -126,6 +128,9 @@ def create_app(settings: Settings) -> FastAPI:
     bearer = [Security(HTTPBearer(auto_error=False, scheme_name="Bearer"))] if settings.api_keys else []
     app.include_router(openai.build_router(), dependencies=bearer)
     mount_web(app)
+    # The request bodies' ranges in /openapi.json are the served model's, read when the schema is asked for.
+    app_schema = app.openapi
+    app.openapi = lambda: services.served.openapi(app_schema())  # type: ignore[method-assign]
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_json_body_bytes,

@@ -25,6 +25,7 @@ from service.contract.store import JobStore
 from service.gateway.errors import HttpError
 from service.gateway.eta import TimingCache
 from service.gateway.ratelimit import RateLimiter
+from service.gateway.served import ServedLimits
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
@@ -38,6 +39,7 @@ class Services:
     metrics: GatewayMetrics
     models: RequestModels
     timing: TimingCache
+    served: ServedLimits
     rate_limiter: RateLimiter | None = None
 
 

@@ -75,8 +75,9 @@ def submit(
     webhook: str | None = None,
 ) -> Submission:
     """Record and enqueue a job in one transaction; a known Idempotency-Key returns its job instead.
-    ``webhook``: the URL that gets the job's end (checked here)."""
-    check_against_served_model(services, params)
+    ``params`` must fit the served model (422 otherwise, prompts counted in its tokens); ``webhook``: the
+    URL that gets the job's end (checked here)."""
+    services.served.check(job_type, params)
     if webhook is not None:
         check_webhook(services, webhook)
     idempotency = (
@@ -139,7 +140,8 @@ def submit_caption(
 
 
 def require_served_model(services: Services) -> ServedModel:
-    """What the workers serve (``GET /model``, ``GET /v1/models``); 503 before any worker has started."""
+    """What the workers serve, with the limits this gateway enforces (``GET /model``, ``GET /v1/models``);
+    503 before any worker has started."""
     model = services.store.served_model()
     if model is None:
         raise HttpError(
@@ -148,23 +150,7 @@ def require_served_model(services: Services) -> ServedModel:
             "no worker has started yet, so no model is served; start one with `univigu worker`",
             headers={"Retry-After": str(services.settings.retry_after_seconds)},
         )
-    return model
-
-
-def check_against_served_model(services: Services, params: dict[str, Any]) -> None:
-    """Refuse a caption length the served model cannot produce, before the job reaches the queue."""
-    tokens = params.get("max_tokens")
-    if tokens is None:
-        return
-    model = services.store.served_model()
-    if model is not None and tokens > model.max_caption_tokens:
-        raise HttpError(
-            422,
-            "invalid_parameter",
-            f"max_tokens must be at most {model.max_caption_tokens} for the served model"
-            f" ({model.preset or 'custom'}), got {tokens}",
-            param="max_tokens",
-        )
+    return services.served.shown(model)
 
 
 def _shown(services: Services, record: JobRecord, position: int | None) -> Job:

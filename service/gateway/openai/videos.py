@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from model.limits import Rule
 from model.media import VideoLimits, first_frame_jpeg
 from service.contract.errors import JobNotFound
 from service.contract.schemas import (
@@ -30,7 +31,6 @@ from service.contract.schemas import (
     ServedModel,
     params_and_webhook,
 )
-from service.contract.settings import Settings
 from service.gateway.dependencies import Caller, IdempotencyKey, Services, ServicesDep
 from service.gateway.downloads import Download
 from service.gateway.errors import HttpError, quote_input
@@ -125,8 +125,9 @@ def to_video(job: Job, model: ServedModel | None) -> Video:
 # --- POST /v1/videos ------------------------------------------------------------------------------------
 
 
-def frames_for(seconds: str | float, fps: int, settings: Settings) -> tuple[int, str]:
-    """``seconds`` at ``fps`` as a frame count of the form 4k+1 (the nearest), and a note saying so."""
+def frames_for(seconds: str | float, fps: int, frames_rule: Rule) -> tuple[int, str]:
+    """``seconds`` at ``fps`` as a frame count of the form 4k+1 (the nearest), and a note saying so;
+    ``frames_rule``: the served model's ``num_frames`` rule."""
     try:
         value = float(seconds)
     except ValueError:
@@ -140,8 +141,7 @@ def frames_for(seconds: str | float, fps: int, settings: Settings) -> tuple[int,
         )
     exact = value * fps
     frames = max(1, 4 * math.floor((exact - 1) / 4 + 0.5) + 1)
-    lowest = settings.min_frames + (-(settings.min_frames - 1)) % 4
-    highest = settings.max_frames - (settings.max_frames - 1) % 4
+    lowest, highest = int(frames_rule.minimum), int(frames_rule.maximum)
     if not lowest <= frames <= highest:
         raise HttpError(
             422,
@@ -246,7 +246,8 @@ def _create(
         fields["width"], fields["height"] = parse_size(body.size)
     note = None
     if body.seconds is not None:
-        fields["num_frames"], note = frames_for(body.seconds, int(model.defaults["fps"]), services.settings)
+        frames_rule = services.served.limits(model, "generate").rules["num_frames"]
+        fields["num_frames"], note = frames_for(body.seconds, int(model.defaults["fps"]), frames_rule)
     job_type = JobType.joint if body.joint else JobType.generate
     params, webhook = _native_params(services, job_type, fields)
     submission = submit(

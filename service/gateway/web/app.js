@@ -56,22 +56,32 @@ function element(tag, attributes = {}, text = "") {
   return node;
 }
 
-function field(formKind, name, property, required, defaults) {
+// One form field from its OpenAPI property; `limit` (GET /model's limits of this mode and option) wins over
+// the schema's range, so the page shows what the served model accepts.
+function field(formKind, name, property, required, model) {
   const type = property.anyOf ? property.anyOf.find((t) => t.type !== "null") : property;
+  const limit = model.limits?.[formKind]?.[name] ?? {};
+  const minimum = limit.minimum ?? type.minimum;
+  const maximum = limit.maximum ?? type.maximum;
   const id = `${formKind}-${name}`;
   const box = element("div", { class: name === "prompt" ? "field wide" : "field" });
   const input = element(name === "prompt" ? "textarea" : "input", { id, name });
   const hints = [];
   if (type.type === "integer" || type.type === "number") {
     input.type = "number";
-    if (type.minimum !== undefined) input.min = type.minimum;
-    if (type.maximum !== undefined) input.max = type.maximum;
-    const fourKPlusOne = (property.description || "").includes("4k+1");
-    input.step = type.multipleOf ?? (fourKPlusOne ? 4 : type.type === "integer" ? 1 : "any");
-    if (type.minimum !== undefined && type.maximum !== undefined) hints.push(`${type.minimum}–${type.maximum}`);
+    if (minimum !== undefined) input.min = minimum;
+    if (maximum !== undefined) input.max = maximum;
+    const fourKPlusOne = limit.four_k_plus_one || (property.description || "").includes("4k+1");
+    input.step = limit.multiple_of ?? type.multipleOf ?? (fourKPlusOne ? 4 : type.type === "integer" ? 1 : "any");
+    if (minimum !== undefined && maximum !== undefined) hints.push(`${minimum}–${maximum}`);
   }
-  if (type.maxLength && name !== "prompt") hints.push(`up to ${type.maxLength} characters`);
+  const maxChars = limit.max_chars ?? type.maxLength;
+  if (limit.max_tokens) {
+    input.dataset.maxTokens = limit.max_tokens;
+    hints.push(`up to ${limit.max_tokens} tokens`);
+  } else if (maxChars && name !== "prompt") hints.push(`up to ${maxChars} characters`);
   if (property.description) hints.push(property.description.replace(/\.$/, ""));
+  const defaults = model.defaults;
   if (required) input.required = true;
   else if (input.type !== "number") input.placeholder = "optional";
   else input.placeholder = name in defaults ? `default ${defaults[name]}` : "model default";
@@ -81,18 +91,19 @@ function field(formKind, name, property, required, defaults) {
   return box;
 }
 
-// The served model's defaults (GET /model), shown as placeholders; none until a worker has started.
-async function modelDefaults() {
+// The served model (GET /model): its defaults, shown as placeholders, and its limits; none until a worker
+// has started.
+async function servedModel() {
   try {
-    const { defaults } = await api("model");
-    return { ...defaults, max_tokens: defaults.caption_tokens };
+    const { defaults, limits } = await api("model");
+    return { defaults: { ...defaults, max_tokens: defaults.caption_tokens }, limits };
   } catch {
-    return {};
+    return { defaults: {}, limits: {} };
   }
 }
 
 async function buildForms() {
-  const [spec, defaults] = await Promise.all([api("openapi.json"), modelDefaults()]);
+  const [spec, model] = await Promise.all([api("openapi.json"), servedModel()]);
   const scheme = Object.values(spec.components?.securitySchemes ?? {}).find((s) => s.type === "apiKey");
   if (scheme?.in === "header") keyHeader = scheme.name;
   const caption = spec.paths["/caption"].post.requestBody.content["multipart/form-data"].schema;
@@ -103,7 +114,7 @@ async function buildForms() {
     const box = $(".fields", form);
     for (const name of names) {
       const required = (schema.required || []).includes(name);
-      box.append(field(form.dataset.kind, name, schema.properties[name], required, defaults));
+      box.append(field(form.dataset.kind, name, schema.properties[name], required, model));
     }
   }
 }
