@@ -75,3 +75,18 @@ def test_an_expiry_is_recorded_only_for_a_job_with_files(files: ResultFiles) -> 
     files.upload("upload-only").write_bytes(b"its input")
     files.record_expiry("upload-only", 60)
     assert files.expires_at("upload-only") == pytest.approx(time.time() + 60, abs=5)
+
+
+def test_an_upload_whose_job_never_came_to_be_goes_once_its_expiry_passed(
+    settings: Settings, files: ResultFiles
+) -> None:
+    store = job_store(settings, connect_redis(settings))
+    orphan = files.new_upload("orphan", -1)  # the gateway stopped before it created the job
+    orphan.write_bytes(b"half a video")
+    waiting = files.new_upload("waiting", -1)
+    queued(store, "waiting")  # queued for longer than its upload's first expiry: its record holds it
+    fresh = files.new_upload("fresh", 3600)
+
+    assert files.clean_expired(store) == 1
+    assert not orphan.exists() and not files.job_dir("orphan").exists()
+    assert waiting.exists() and fresh.exists()

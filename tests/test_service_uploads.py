@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def uploads_of(client: TestClient) -> list[Path]:
     return list(directory.iterdir())
 
 
+def left_behind(client: TestClient) -> list[Path]:
+    """Every upload and job folder (an upload's recorded expiry) on disk: what a refused upload must not leave."""
+    files = client.app.state.services.files  # type: ignore[attr-defined]
+    return [*files.uploads_dir.iterdir(), *files.jobs_dir.iterdir()]
+
+
 def queue_length(client: TestClient) -> int:
     return client.app.state.services.queue.depth()  # type: ignore[attr-defined]
 
@@ -58,6 +65,10 @@ def test_a_video_upload_is_accepted_and_kept_for_the_worker(client: TestClient, 
     assert job["type"] == "caption" and job["params"] == {"steps": 4}
     assert [path.name for path in uploads_of(client)] == [f"{job['id']}.upload"]
     assert uploads_of(client)[0].read_bytes() == clip
+    files = client.app.state.services.files  # type: ignore[attr-defined]
+    ttl = client.app.state.services.settings.result_ttl_seconds  # type: ignore[attr-defined]
+    # recorded before the upload's first byte: had the job never been created, the clean-up would delete it
+    assert files.expires_at(job["id"]) == pytest.approx(time.time() + ttl, abs=60)
     client.post(f"/jobs/{job['id']}/cancel")
     assert uploads_of(client) == [], "canceling a queued caption job keeps its upload"
 
@@ -79,7 +90,7 @@ def test_non_videos_answer_415_whatever_their_name_and_type(client: TestClient, 
     assert "'movie.mp4'" in error["message"]
     uploads_dir = client.app.state.services.files.uploads_dir  # type: ignore[attr-defined]
     assert ".upload" not in error["message"] and str(uploads_dir) not in error["message"]
-    assert uploads_of(client) == []
+    assert left_behind(client) == []
     assert queue_length(client) == 0
 
 
@@ -89,7 +100,7 @@ def test_an_upload_over_the_limit_answers_413_from_its_content_length(
     with TestClient(create_app(settings_factory(max_upload_bytes=1000))) as client:
         response = client.post("/caption", files={"file": ("v.mp4", b"\0" * 2_000_000, "video/mp4")})
         assert_envelope(response, 413, "payload_too_large", "file")
-        assert uploads_of(client) == []
+        assert left_behind(client) == []
         assert queue_length(client) == 0
 
 
@@ -106,7 +117,7 @@ def test_a_chunked_upload_over_the_limit_answers_413_and_leaves_no_file(
         response = client.post("/caption", content=body(), headers=headers)
         # The upload parser's file cap or the body cap of BodyLimitMiddleware, whichever is crossed first.
         assert_envelope(response, 413, "payload_too_large")
-        assert uploads_of(client) == []
+        assert left_behind(client) == []
         assert queue_length(client) == 0
 
 
@@ -154,7 +165,7 @@ def test_bad_caption_options_answer_422(
     response = client.post("/caption", files={"file": ("v.mp4", clip, "video/mp4")}, data=fields)
     error = assert_envelope(response, 422, "invalid_parameter", param)
     assert hint in error["message"]
-    assert uploads_of(client) == []
+    assert left_behind(client) == []
     assert queue_length(client) == 0
 
 
@@ -168,7 +179,7 @@ def test_caption_longer_than_the_served_model_allows_never_reaches_the_queue(
     )
     error = assert_envelope(response, 422, "invalid_parameter", "max_tokens")
     assert error["message"] == "max_tokens must be between 1 and 48, got 49"
-    assert uploads_of(client) == []
+    assert left_behind(client) == []
     assert queue_length(client) == 0
     accepted = client.post(
         "/caption", files={"file": ("v.mp4", clip, "video/mp4")}, data={"max_tokens": "48"}
@@ -200,7 +211,7 @@ def test_upload_errors_name_the_clients_file_never_the_stored_one(
     assert named in error["message"]
     assert ".upload" not in error["message"]
     assert len(error["message"]) < 400
-    assert uploads_of(client) == []
+    assert left_behind(client) == []
 
 
 def test_missing_file_and_wrong_content_types(client: TestClient) -> None:

@@ -6,7 +6,8 @@ makes from the video's first frame the first time it is asked for. ``uploads/{id
 caption job's input.
 
 Expiry is recorded with the files: whoever finishes a job (its worker, or the gateway's reaper) writes
-``jobs/{id}/expires_at``, a Unix time no earlier than the record's own expiry. The clean-up deletes a job's
+``jobs/{id}/expires_at``, a Unix time no earlier than the record's own expiry; an upload gets one before
+its first byte (:meth:`ResultFiles.new_upload`). The clean-up deletes a job's
 files only once that time has passed and Redis holds no record of the job, so a fresh or foreign Redis
 (which knows none of these jobs) never causes a deletion; files without an expiry are kept.
 
@@ -100,6 +101,19 @@ class ResultFiles:
         except OSError as exc:
             raise StorageError(f"could not write {target}: {exc}") from exc
         return target
+
+    def new_upload(self, job_id: str, ttl_seconds: float) -> Path:
+        """The path for a caption job's input, created empty with an expiry ``ttl_seconds`` away recorded
+        before any byte arrives. An upload whose job never came to be (the gateway stopped between the two)
+        then has no record and is deleted by the clean-up once that expiry passes; a job that is created
+        keeps its upload while its record lives, and its end records a new expiry."""
+        path = self.upload(job_id)
+        try:
+            path.touch()
+        except OSError as exc:
+            raise StorageError(f"could not store the upload of job {job_id}: {exc}") from exc
+        self.record_expiry(job_id, ttl_seconds)
+        return path
 
     def remove_job(self, job_id: str) -> None:
         """Delete every file of a job: its results folder and its upload."""

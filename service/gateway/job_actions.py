@@ -132,10 +132,10 @@ def submit_caption(
             webhook=webhook,
         )
     except Exception:  # not a handler: the upload is removed and the error propagates to the mapping
-        services.files.remove_upload(job_id)
+        services.files.remove_job(job_id)
         raise
     if not submission.created:
-        services.files.remove_upload(job_id)
+        services.files.remove_job(job_id)
     return submission
 
 

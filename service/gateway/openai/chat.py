@@ -233,7 +233,7 @@ def _submit(
     visual = _visual(body)
     params = _caption_params(services, model, body, visual.text)
     job_id = new_job_id()
-    upload = services.files.upload(job_id)
+    upload = services.files.new_upload(job_id, services.settings.result_ttl_seconds)
     if visual.video is not None:
         video = _decode_data_url(*visual.video, services.settings.max_upload_bytes)
         upload.write_bytes(video)

@@ -61,17 +61,18 @@ def build_router(models: RequestModels) -> APIRouter:
     ) -> Job:
         """Caption an uploaded video (form part `file`; options as form fields). Answers 202."""
         job_id = new_job_id()
-        upload = await receive_upload(
-            request.stream(),
-            content_type=request.headers.get("content-type"),
-            content_length=request.headers.get("content-length"),
-            destination=services.files.upload(job_id),
-            max_bytes=services.settings.max_upload_bytes,
-        )
+        files, ttl = services.files, services.settings.result_ttl_seconds
         try:
+            upload = await receive_upload(
+                request.stream(),
+                content_type=request.headers.get("content-type"),
+                content_length=request.headers.get("content-length"),
+                destination=await run_in_threadpool(files.new_upload, job_id, ttl),
+                max_bytes=services.settings.max_upload_bytes,
+            )
             params, webhook = _validate_options(services, upload.fields)
         except Exception:  # not a handler: the upload is removed and the error propagates to the mapping
-            await run_in_threadpool(services.files.remove_upload, job_id)
+            await run_in_threadpool(files.remove_job, job_id)
             raise
         submission = await run_in_threadpool(
             submit_caption,
