@@ -23,13 +23,17 @@ from rq.serializers import JSONSerializer
 from model.errors import Canceled, PromptTooLongError
 from model.media import write_mp4
 from model.pipeline import UniViGUPipeline
+from service.cli.main import main
 from service.cli.redis_server import RedisServer
 from service.contract.metrics import WorkerMetrics
 from service.contract.queue import FAILURE_CALLBACK, JobQueue
 from service.contract.result_files import ResultFiles
 from service.contract.schemas import JobRecord, JobStatus, JobType
+from service.contract.settings import Settings
 from service.contract.store import JobStore
 from worker import tasks
+from worker.cli import EXIT_CONFIGURATION
+from worker.loading import LimitsExcludeDefaults, cap_limits
 from worker.runner import JobRunner
 
 
@@ -305,3 +309,27 @@ def test_a_caption_jobs_unreadable_video_is_named_as_the_upload_not_its_file(
     assert (failed.status, failed.error.code) == (JobStatus.failed, "invalid_video")
     assert failed.error.message.startswith("the uploaded video is not a readable video")
     assert ".upload" not in failed.error.message
+
+
+def test_request_limits_that_refuse_the_models_defaults_stop_the_worker_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every request that leaves steps out would fail: `univigu worker` says which setting, exits 2
+    (which `univigu up` does not retry), and never reaches Redis."""
+    pipe = UniViGUPipeline.from_preset("tiny")
+    settings = Settings(max_steps=pipe.defaults.steps - 1)
+    with pytest.raises(LimitsExcludeDefaults, match=r"default steps .*UNIVIGU_MAX_STEPS"):
+        cap_limits(pipe, settings)
+    cap_limits(pipe, Settings(max_steps=pipe.defaults.steps))
+    assert pipe.limits["generate"].rules["steps"].maximum == pipe.defaults.steps
+
+    env = {
+        "UNIVIGU_MAX_STEPS": "1",
+        "UNIVIGU_REDIS_URL": "redis://127.0.0.1:1/0",
+        "UNIVIGU_WORKER_METRICS_PORT": "0",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        assert main(["worker", "--preset", "tiny", "--burst"]) == EXIT_CONFIGURATION
+    assert "UNIVIGU_MAX_STEPS" in caplog.text

@@ -80,7 +80,7 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from worker.group import GroupLayoutError, in_torchrun
     from worker.launch import launch_group
-    from worker.loading import ModelSpec, ModelSpecError
+    from worker.loading import LimitsExcludeDefaults, ModelSpec, ModelSpecError
     from worker.main import MetricsPortUnavailable, serve, serve_in_group
 
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
@@ -93,7 +93,13 @@ def run(args: argparse.Namespace) -> int:
             return launch_group(settings, name=args.name, burst=args.burst, log_level=args.log_level)
         else:
             serve(settings, spec, name=args.name, burst=args.burst)
-    except (ValidationError, ModelSpecError, MetricsPortUnavailable, GroupLayoutError) as exc:
+    except (
+        ValidationError,
+        ModelSpecError,
+        MetricsPortUnavailable,
+        GroupLayoutError,
+        LimitsExcludeDefaults,
+    ) as exc:
         log.error("%s", exc)
         return EXIT_CONFIGURATION
     return 0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.config import VaeTiling
+from model.errors import InvalidParameterError
 from service.contract.schemas import ServedModel
 from service.contract.settings import Settings
 
@@ -117,10 +118,37 @@ def warm_up(pipeline: UniViGUPipeline | GroupPipeline, steps: int) -> dict[str, 
     return seconds
 
 
+class LimitsExcludeDefaults(ValueError):
+    """The request limits in the settings refuse a value the served model uses when a request leaves it
+    out: every such request would fail, so the worker does not start."""
+
+
 def cap_limits(pipeline: UniViGUPipeline, settings: Settings) -> None:
     """Narrow what the pipeline accepts to the operator's request limits, so that the limits the worker
-    publishes are the ones its pipeline enforces."""
-    pipeline.limits = {mode: settings.cap(limits) for mode, limits in pipeline.limits.items()}
+    publishes are the ones its pipeline enforces. :class:`LimitsExcludeDefaults` if they refuse one of
+    the model's defaults."""
+    capped = {mode: settings.cap(limits) for mode, limits in pipeline.limits.items()}
+    d = pipeline.defaults
+    defaults = {
+        "height": d.height,
+        "width": d.width,
+        "num_frames": d.num_frames,
+        "fps": d.fps,
+        "steps": d.steps,
+        "guidance_scale": d.guidance_scale,
+        "max_tokens": d.caption_tokens,
+        "video_reuse": d.video_reuse,
+    }
+    for limits in capped.values():
+        try:
+            limits.check({name: value for name, value in defaults.items() if name in limits.rules})
+        except InvalidParameterError as exc:
+            name = str(exc.param)
+            raise LimitsExcludeDefaults(
+                f"the request limits leave out the served model's default {name} ({defaults[name]}): "
+                f"{exc}; widen {' / '.join(settings.caps_of(name)) or 'them'} (docs/settings.md)"
+            ) from exc
+    pipeline.limits = capped
 
 
 def served_tokenizer(pipeline: UniViGUPipeline) -> str | None:

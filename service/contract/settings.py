@@ -24,6 +24,18 @@ from model.limits import Limits
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
 
+# Which request-limit setting bounds which option from below and from above (Settings.cap).
+_LOWER_CAPS = {"height": "min_size", "width": "min_size", "num_frames": "min_frames", "fps": "min_fps"}
+_UPPER_CAPS = {
+    "height": "max_size",
+    "width": "max_size",
+    "num_frames": "max_frames",
+    "fps": "max_fps",
+    "steps": "max_steps",
+    "guidance_scale": "max_guidance_scale",
+    "max_tokens": "max_caption_tokens",
+}
+
 
 class Settings(BaseSettings):
     """Configuration of Uni-ViGU Serve. Every field maps to the variable ``UNIVIGU_<FIELD_NAME>``."""
@@ -298,23 +310,16 @@ class Settings(BaseSettings):
     def cap(self, limits: Limits) -> Limits:
         """``limits`` within these request limits: what a worker publishes and the gateway enforces."""
         return limits.narrowed(
-            minimum={
-                "height": self.min_size,
-                "width": self.min_size,
-                "num_frames": self.min_frames,
-                "fps": self.min_fps,
-            },
-            maximum={
-                "height": self.max_size,
-                "width": self.max_size,
-                "num_frames": self.max_frames,
-                "fps": self.max_fps,
-                "steps": self.max_steps,
-                "guidance_scale": self.max_guidance_scale,
-                "max_tokens": self.max_caption_tokens,
-            },
+            minimum={option: getattr(self, name) for option, name in _LOWER_CAPS.items()},
+            maximum={option: getattr(self, name) for option, name in _UPPER_CAPS.items()},
             max_chars=self.max_prompt_chars,
         )
+
+    @staticmethod
+    def caps_of(option: str) -> list[str]:
+        """The environment variables of the request limits that bound ``option`` (none for most)."""
+        names = (_LOWER_CAPS.get(option), _UPPER_CAPS.get(option))
+        return [f"UNIVIGU_{name.upper()}" for name in names if name]
 
     @property
     def worker_lost_bound_seconds(self) -> float:
